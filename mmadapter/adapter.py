@@ -1,0 +1,75 @@
+"""Zero-init gated adaptation prompts: the ~1M trainable parameters of LLaMA-Adapter.
+
+The adapter is a separate module from the frozen base, so one base can serve several adapters and
+only adapter tensors are ever saved. It holds
+  prompts   [L, K, C]  P_l, N(0, std) like the reference's nn.Embedding init,
+  gates     [L, H]     g_l, zero-init: the model equals the base exactly at step 0,
+  projector (optional) the vision MLP that turns multi-scale CLIP features into one image token I_p.
+For sample b in layer l the prompt is P_l + I_p[b] (DESIGN.md §2); text-only samples use P_l.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+
+from .config import AdapterConfig, LlamaConfig, VisionConfig
+from .llama import AdapterKV, Llama
+
+
+class Adapter(nn.Module):
+    def __init__(self, config: AdapterConfig, base: LlamaConfig, vision: VisionConfig | None = None,
+                 feature_dim: int | None = None) -> None:
+        super().__init__()
+        n_layers = config.adapted_layers(base.n_layers)
+        self.config, self.base_config, self.vision_config = config, base, vision
+        self.first_layer = base.n_layers - n_layers
+        self.template: str | None = None  # the prompt template it was trained with, when known
+        self.prompts = nn.Parameter(torch.randn(n_layers, config.n_prompts, base.dim) * config.prompt_init_std)
+        self.gates = nn.Parameter(torch.zeros(n_layers, base.n_heads))
+        self.projector: nn.Module | None = None
+        if vision is not None:
+            if feature_dim is None:
+                raise ValueError("an adapter with a vision config needs the tower's feature_dim")
+            from .vision import Projector
+
+            self.projector = Projector(feature_dim, base.dim, vision.projector_hidden)
+
+    @property
+    def n_layers(self) -> int:
+        return self.prompts.shape[0]
+
+    def image_tokens(self, features: Tensor, has_image: Tensor | None = None) -> Tensor:
+        """I_p [B, C] from tower features [B, F]; rows without an image are zero (plain prompts)."""
+        if self.projector is None:
+            raise ValueError("this adapter has no projector: it was built without a vision config")
+        tokens = self.projector(features.to(self.prompts.dtype))
+        if has_image is not None:
+            tokens = tokens * has_image.to(tokens.dtype)[:, None]
+        return tokens
+
+    def prompt_kv(self, base: Llama, image_tokens: Tensor | None = None) -> AdapterKV:
+        """Prompt K/V of every adapted layer through its frozen W_k/W_v. image_tokens: [B, C] or None."""
+        kv = []
+        for i in range(self.n_layers):
+            prompt = self.prompts[i][None]  # [1, K, C]
+            if image_tokens is not None:
+                prompt = prompt + image_tokens[:, None, :]  # [B, K, C]
+            kv.append(base.layers[self.first_layer + i].attention.project_prompt(prompt))
+        return AdapterKV(self.first_layer, kv, torch.tanh(self.gates))
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters by part, for the model summary."""
+        counts = OrderedDict(prompts=self.prompts.numel(), gates=self.gates.numel())
+        if self.projector is not None:
+            counts["projector"] = sum(p.numel() for p in self.projector.parameters())
+        counts["total"] = sum(counts.values())
+        return counts
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Mark every parameter of a (base or vision) module frozen and put it in eval mode."""
+    module.requires_grad_(False)
+    return module.eval()

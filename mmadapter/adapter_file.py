@@ -1,0 +1,190 @@
+"""The mmadapter adapter file: one .safetensors holding the trainable tensors and a JSON header.
+
+Layout (format "mmadapter-adapter", version 1):
+  tensors   prompts [L, K, C], gates [L, H], projector.fc1.weight/bias, projector.fc2.weight/bias (multimodal)
+  metadata  safetensors' string map with one key, "mmadapter", a JSON object:
+    format, version          "mmadapter-adapter", 1
+    adapter                  AdapterConfig (n_prompts, n_layers, ...)
+    base                     {name, fingerprint, config: LlamaConfig}: the base it was trained on
+    vision                   VisionConfig or null; feature_dim
+    template                 prompt template used in training ("alpaca", "chat", ...)
+    training                 free-form summary (steps, loss, data, ...)
+Readers accept any version-1 file and ignore keys they do not know, so newer minor additions load
+in older releases; a file with a higher major version is refused with a message to upgrade.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .adapter import Adapter
+from .atomic import atomic_save
+from .config import AdapterConfig, LlamaConfig, VisionConfig
+
+if TYPE_CHECKING:
+    from .model import MMAdapter
+
+FORMAT = "mmadapter-adapter"
+VERSION = 1
+METADATA_KEY = "mmadapter"
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that cannot be used here; the message says why and what to do."""
+
+
+@dataclass
+class AdapterMeta:
+    adapter: AdapterConfig
+    base_name: str
+    base_fingerprint: str
+    base_config: LlamaConfig
+    vision: VisionConfig | None = None
+    feature_dim: int | None = None
+    template: str | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    version: int = VERSION
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "format": FORMAT, "version": self.version, "adapter": self.adapter.to_dict(),
+            "base": {"name": self.base_name, "fingerprint": self.base_fingerprint, "config": self.base_config.to_dict()},
+            "vision": self.vision.to_dict() if self.vision else None, "feature_dim": self.feature_dim,
+            "template": self.template, "training": self.training,
+        })
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> AdapterMeta:
+        try:
+            d = json.loads(text)
+            if d.get("format") != FORMAT:
+                raise AdapterFileError(f"{source}: not an mmadapter adapter (format {d.get('format')!r})")
+            if int(d["version"]) > VERSION:
+                raise AdapterFileError(f"{source}: written by a newer mmadapter (format version {d['version']}, "
+                                       f"this release reads {VERSION}); upgrade mmadapter")
+            base = d["base"]
+            return cls(adapter=AdapterConfig.from_dict(d["adapter"]), base_name=base.get("name", ""),
+                       base_fingerprint=base.get("fingerprint", ""), base_config=LlamaConfig.from_dict(base["config"]),
+                       vision=VisionConfig.from_dict(d["vision"]) if d.get("vision") else None,
+                       feature_dim=d.get("feature_dim"), template=d.get("template"),
+                       training=d.get("training") or {}, version=int(d["version"]))
+        except AdapterFileError:
+            raise
+        except (ValueError, KeyError, TypeError) as e:
+            raise AdapterFileError(f"{source}: malformed adapter metadata ({type(e).__name__}: {e})") from e
+
+
+def adapter_meta(model: MMAdapter, adapter: Adapter | None = None, training: dict[str, Any] | None = None) -> AdapterMeta:
+    adapter = adapter or model.adapter
+    if adapter is None:
+        raise ValueError("the model has no adapter to save")
+    vision = getattr(model.vision, "config", None) if adapter.projector is not None else None
+    if vision is not None and getattr(model.vision, "weights_hash", None):
+        vision = VisionConfig.from_dict({**vision.to_dict(), "weights_hash": model.vision.weights_hash[:16]})
+    return AdapterMeta(adapter=adapter.config, base_name=model.base_name, base_fingerprint=model.base_fingerprint,
+                       base_config=model.base.config, vision=vision,
+                       feature_dim=getattr(model.vision, "feature_dim", None) if vision else None,
+                       template=adapter.template or model.template, training=training or {})
+
+
+def save_adapter(model: MMAdapter, path: str | os.PathLike, training: dict[str, Any] | None = None,
+                 adapter: Adapter | None = None) -> Path:
+    """Write the adapter atomically (temp file, fsync, rename); returns the path."""
+    from safetensors.torch import save_file
+
+    meta = adapter_meta(model, adapter, training)
+    adapter = adapter or model.adapter
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter.state_dict().items()}
+    path = Path(path)
+    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: meta.to_json()}))
+    return path
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[AdapterMeta, dict[str, torch.Tensor]]:
+    """Metadata and tensors of an adapter file, without touching any model."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: no such adapter file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = (f.metadata() or {}).get(METADATA_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except AdapterFileError:
+        raise
+    except Exception as e:
+        raise AdapterFileError(f"{path}: cannot read the adapter ({type(e).__name__}: {e}); the file is truncated, "
+                               "corrupt or not a safetensors file") from e
+    if header is None:
+        raise AdapterFileError(f"{path}: a safetensors file without mmadapter metadata; to import a PEFT or "
+                               "LLaMA-Adapter V1 file use `mmadapter convert`")
+    return AdapterMeta.from_json(header, str(path)), tensors
+
+
+def load_adapter(model: MMAdapter, path: str | os.PathLike, *, activate: bool = True,
+                 allow_base_mismatch: bool = False) -> Adapter:
+    """Build the adapter stored at `path` over `model`'s base (and tower), checking they match.
+
+    The tower is built from the file's vision config when the model has none; a model whose tower
+    differs from the one the adapter was trained with is refused.
+    """
+    meta, tensors = read_adapter(path)
+    check_base(meta, model, str(path), allow_base_mismatch)
+    if meta.vision is not None:
+        _ensure_tower(model, meta, str(path))
+    device = model.base.tok_embeddings.weight.device
+    adapter = Adapter(meta.adapter, model.base.config, meta.vision, meta.feature_dim)
+    expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != got:
+        raise AdapterFileError(f"{path}: tensors {got} do not match the adapter config, which expects {expected}")
+    adapter.load_state_dict(tensors, strict=True)
+    adapter = adapter.to(device)
+    adapter.template = meta.template
+    if activate:
+        model.adapter = adapter
+    return adapter
+
+
+def check_base(meta: AdapterMeta, model: MMAdapter, source: str, allow_mismatch: bool = False) -> None:
+    ours, theirs = model.base.config, meta.base_config
+    shape = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")
+    if any(getattr(ours, k) != getattr(theirs, k) for k in shape):
+        raise AdapterFileError(
+            f"{source}: trained on base {meta.base_name!r} ({', '.join(f'{k}={getattr(theirs, k)}' for k in shape)}) "
+            f"but this base {model.base_name!r} has {', '.join(f'{k}={getattr(ours, k)}' for k in shape)}; "
+            "load it over the base it was trained on")
+    if (not allow_mismatch and meta.base_fingerprint and model.base_fingerprint
+            and meta.base_fingerprint != model.base_fingerprint):
+        raise AdapterFileError(
+            f"{source}: trained on base {meta.base_name!r} (fingerprint {meta.base_fingerprint}) but this base "
+            f"{model.base_name!r} has fingerprint {model.base_fingerprint}: different weights. Load it over the "
+            "base it was trained on, or pass allow_base_mismatch=True (--allow-base-mismatch) if this is the "
+            "same model in another format or quantisation")
+
+
+def _ensure_tower(model: MMAdapter, meta: AdapterMeta, source: str) -> None:
+    from .feature_cache import FeatureCache
+    from .vision import VisionTower
+
+    want = meta.vision
+    if model.vision is None:
+        model.vision = VisionTower(want).to(model.base.tok_embeddings.weight.device)
+        model.feature_cache = model.feature_cache or FeatureCache()
+    have = model.vision.config
+    same = (have.model == want.model and have.n_scales == want.n_scales
+            and model.vision.feature_dim == meta.feature_dim
+            and (not want.weights_hash or model.vision.weights_hash.startswith(want.weights_hash)))
+    if not same:
+        raise AdapterFileError(
+            f"{source}: trained with the image tower {want.model} (pretrained={want.pretrained}, "
+            f"{want.n_scales} scales, weights {want.weights_hash}) but this model's tower is {have.model} "
+            f"(pretrained={have.pretrained}, {have.n_scales} scales, weights {model.vision.weights_hash[:16]}); "
+            "use the tower the adapter was trained with")

@@ -1,0 +1,137 @@
+"""KV-cache decoding: sampling, stop conditions and streaming text.
+
+The adapter's prompt K/V (with the image token) is computed once per request by the caller and passed
+to every step; the base keeps its own static cache. Batched prompts are left-padded and the key mask
+keeps padding out of attention and out of the RoPE positions, so a padded prompt decodes exactly like
+the same prompt alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .llama import AdapterKV, Llama
+from .tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def sample(logits: Tensor, s: Sampling, generator: torch.Generator | None) -> Tensor:
+    """Next tokens [B] from logits [B, V]."""
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / s.temperature
+    if s.top_k:
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop = probs.cumsum(-1) - probs > s.top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def decode_tokens(base: Llama, prompts: Sequence[Sequence[int]], adapter: AdapterKV | None, s: Sampling,
+                  eos_ids: Sequence[int]) -> Iterator[Tensor]:
+    """Yield the next token of every sequence [B] per step; a finished sequence keeps yielding eos."""
+    device = base.tok_embeddings.weight.device
+    b = len(prompts)
+    longest = max(len(p) for p in prompts)
+    if longest == 0:
+        raise ValueError("every prompt needs at least one token")
+    total = longest + s.max_new_tokens
+    if total > base.config.max_seq_len:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({s.max_new_tokens}) exceed the model's "
+                         f"context of {base.config.max_seq_len}; truncate the prompt or ask for fewer tokens")
+    tokens = torch.zeros(b, longest, dtype=torch.long, device=device)
+    key_mask = torch.ones(b, total, dtype=torch.bool, device=device)  # generated slots are real tokens
+    for i, p in enumerate(prompts):  # left padding
+        tokens[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        key_mask[i, : longest - len(p)] = False
+    padded = bool((~key_mask[:, :longest]).any())
+    generator = None
+    if s.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(s.seed)
+    eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    with torch.inference_mode():
+        cache = base.new_cache(b, total)
+        input_pos = torch.arange(longest, device=device)
+        h = base(tokens, input_pos=input_pos, cache=cache, key_mask=key_mask if padded else None, adapter=adapter)
+        logits = base.head(h[:, -1])  # [B, V]
+        for step in range(s.max_new_tokens):
+            nxt = sample(logits, s, generator)
+            nxt = torch.where(done, eos[0], nxt)
+            done |= torch.isin(nxt, eos)
+            yield nxt
+            if bool(done.all()) or step == s.max_new_tokens - 1:
+                return
+            pos = torch.tensor([longest + step], device=device)
+            h = base(nxt[:, None], input_pos=pos, cache=cache, key_mask=key_mask if padded else None,
+                     adapter=adapter)
+            logits = base.head(h[:, -1])
+
+
+class TextStream:
+    """Turns one sequence's tokens into text pieces: never splits a multi-byte character and holds
+    back text that may be the start of a stop string, so the joined pieces equal the final text."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of text already handed out
+        self.stopped = False
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids)
+
+    def push(self, token: int) -> str:
+        """Add a token; return the newly safe text (possibly empty)."""
+        self.ids.append(token)
+        text = self.text()
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        for s in self.stop:
+            at = text.find(s, max(0, self.emitted - len(s)))
+            if at != -1:
+                self.stopped = True
+                return self._emit(text[:at])
+        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._emit(text[: len(text) - hold])
+
+    def finish(self) -> str:
+        """Text held back at the end (a partial stop string that never completed)."""
+        if self.stopped:
+            return ""
+        return self._emit(self.text())
+
+    def _emit(self, upto: str) -> str:
+        piece = upto[self.emitted:]
+        self.emitted = max(self.emitted, len(upto))
+        return piece

@@ -1,0 +1,262 @@
+"""The frozen LLaMA-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, a static KV cache.
+
+One readable file in the spirit of nanoGPT / gpt-fast. Weights use the Hugging Face layout for q/k
+(RoPE rotates the two halves of each head: `rotate_half`); the loaders in `weights.py` convert Meta
+and GGUF checkpoints, which store q/k rows interleaved, into this layout.
+
+The adapter hooks one place: `Attention.forward` adds the gated prompt term
+    tanh(g_h) * softmax(Q_h K_p,hᵀ / √d) V_p,h
+to the untouched causal attention, with K_p/V_p = prompt · W_k/W_v (no RoPE) computed once by
+`Attention.project_prompt` and handed in through `AdapterKV` (see adapter.py and DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 whatever the activation dtype (as the reference and transformers do).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> Tensor:
+    """Rotary inverse frequencies [head_dim/2], with Llama-3.1 frequency scaling when configured."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    low_freq_wavelen = s.original_max_seq_len / s.low_freq_factor
+    high_freq_wavelen = s.original_max_seq_len / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_tables(config: LlamaConfig, length: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """cos, sin tables [length, head_dim] in fp32."""
+    inv_freq = rope_inv_freq(config).to(device)
+    t = torch.arange(length, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # [length, d/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [length, d]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, h, T, d]; cos/sin [B or 1, 1, T, d] (fp32, cast to x's dtype)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class AdapterKV:
+    """Prompt keys/values of the adapted layers, computed once per forward pass or per request.
+
+    first_layer: index of the lowest adapted layer; kv[i] belongs to layer first_layer + i and holds
+    (k, v) of shape [B or 1, n_kv_heads, K, head_dim]; gates [L, n_heads] are already tanh-ed.
+    """
+
+    first_layer: int
+    kv: list[tuple[Tensor, Tensor]]
+    gates: Tensor
+
+    def for_layer(self, i: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        j = i - self.first_layer
+        if j < 0:
+            return None
+        k, v = self.kv[j]
+        return k, v, self.gates[j]
+
+
+class KVCache(nn.Module):
+    """Static per-layer cache [B, n_kv_heads, max_len, head_dim], sized per request."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | None = None) -> None:
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, end: int) -> tuple[Tensor, Tensor]:
+        """Write k/v [B, G, T, d] at slots input_pos [T]; return the filled prefix [B, G, end, d]."""
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+    """Scaled dot-product attention with grouped kv heads: q [B, H, T, d], k/v [B, G, S, d] -> [B, H, T, d]."""
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+
+    def project_prompt(self, prompt: Tensor) -> tuple[Tensor, Tensor]:
+        """Adaptation prompts [Bp, K, C] through this layer's frozen W_k / W_v, without RoPE."""
+        bp, n, _ = prompt.shape
+        prompt = prompt.to(self.wk.weight.dtype)
+        k = self.wk(prompt).view(bp, n, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [Bp, G, K, d]
+        v = self.wv(prompt).view(bp, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None = None,
+                input_pos: Tensor | None = None, end: int = 0,
+                prompt: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, d]
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, d]
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(input_pos, k, v, end)  # [B, G, S, d]
+        y = attend(q, k, v, mask, causal=mask is None and t > 1)  # [B, H, T, d]
+        if prompt is not None:
+            pk, pv, gate = prompt  # [Bp, G, K, d] x2, gate [H] (tanh applied)
+            pk, pv = pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1)
+            y_prompt = attend(q, pk, pv, None, causal=False)  # every query sees all K prompts
+            y = y + gate.to(y.dtype).view(1, -1, 1, 1) * y_prompt
+        return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.ffn_dim, bias=False)  # gate
+        self.w3 = nn.Linear(config.dim, config.ffn_dim, bias=False)  # up
+        self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)  # down
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None,
+                input_pos: Tensor | None, end: int, prompt: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
+        h = h + self.attention(self.attention_norm(h), cos, sin, mask, cache, input_pos, end, prompt)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    """A LLaMA-family decoder whose weights stay frozen; only adapter prompts/gates train."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self._rope: tuple[Tensor, Tensor] | None = None
+
+    def rope(self, length: int) -> tuple[Tensor, Tensor]:
+        """cos/sin tables covering at least `length` positions, built lazily on the weights' device."""
+        device = self.tok_embeddings.weight.device
+        if self._rope is None or self._rope[0].shape[0] < length or self._rope[0].device != device:
+            size = max(length, min(self.config.max_seq_len, 4096))
+            self._rope = rope_tables(self.config, size, device)
+        return self._rope
+
+    def head(self, h: Tensor) -> Tensor:
+        """Logits [..., vocab] from final-normed hidden states [..., C]."""
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(h, weight)
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list[KVCache]:
+        c, w = self.config, self.tok_embeddings.weight
+        return [KVCache(batch, c.n_kv_heads, max_len, c.head_dim, dtype or w.dtype, w.device)
+                for _ in range(c.n_layers)]
+
+    def forward(self, tokens: Tensor | None = None, *, input_pos: Tensor | None = None,
+                cache: list[KVCache] | None = None, key_mask: Tensor | None = None,
+                adapter: AdapterKV | None = None, hidden: Tensor | None = None, start_layer: int = 0) -> Tensor:
+        """Final-normed hidden states [B, T, C]; `head()` turns them into logits.
+
+        tokens [B, T]; input_pos [T]: cache slots of these tokens (default 0..T-1); key_mask [B, S]:
+        True where a cache slot (or, without a cache, a position) holds a real token — pass it for
+        left-padded batches, position ids then count real tokens only. `hidden` + `start_layer` resume
+        from the output of layer start_layer-1 (the frozen-prefix cache). Layers below the first
+        adapted one always run without autograd.
+        """
+        h = self.tok_embeddings(tokens) if hidden is None else hidden  # [B, T, C]
+        b, t, _ = h.shape
+        if input_pos is None:
+            input_pos = torch.arange(t, device=h.device)
+        end = int(input_pos[-1]) + 1
+        positions, mask = self._positions_and_mask(input_pos, end, key_mask, causal_needed=cache is not None)
+        cos, sin = self.rope(end)
+        cos, sin = cos[positions].unsqueeze(-3), sin[positions].unsqueeze(-3)  # [B or 1, 1, T, d]
+        first_trained = adapter.first_layer if adapter is not None else self.config.n_layers
+        for i in range(start_layer, self.config.n_layers):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_trained):
+                h = self.layers[i](h, cos, sin, mask, cache[i] if cache else None, input_pos, end,
+                                   adapter.for_layer(i) if adapter is not None else None)
+        return self.norm(h)
+
+    def prefix(self, tokens: Tensor, n_layers: int) -> Tensor:
+        """Output of the bottom n_layers [B, T, C] (frozen, no autograd): what the prefix cache stores."""
+        with torch.no_grad():
+            h = self.tok_embeddings(tokens)
+            b, t, _ = h.shape
+            cos, sin = self.rope(t)
+            cos, sin = cos[:t][None, None], sin[:t][None, None]
+            for layer in self.layers[:n_layers]:
+                h = layer(h, cos, sin, None, None, None, t, None)
+        return h
+
+    @staticmethod
+    def _positions_and_mask(input_pos: Tensor, end: int, key_mask: Tensor | None,
+                            causal_needed: bool) -> tuple[Tensor, Tensor | None]:
+        """RoPE positions [B or 1, T] and a boolean attention mask [B or 1, 1, T, end] (None: plain causal)."""
+        if key_mask is None:
+            positions = input_pos[None]
+            t = input_pos.numel()
+            if not causal_needed or t == end or t == 1:
+                return positions, None  # prefill from slot 0 (is_causal is exact) or one query seeing all
+            keys = torch.arange(end, device=input_pos.device)
+            return positions, (keys[None, :] <= input_pos[:, None])[None, None]
+        key_mask = key_mask[:, :end].bool()
+        pos_all = (key_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, end]: real tokens counted from 0
+        positions = pos_all[:, input_pos]  # [B, T]
+        keys = torch.arange(end, device=input_pos.device)
+        causal = keys[None, :] <= input_pos[:, None]  # [T, end]
+        mask = causal[None] & key_mask[:, None, :]  # [B, T, end]
+        # A padding query sees no real key; let it see itself so its softmax stays finite (no NaN leaks).
+        mask = mask | (keys[None, :] == input_pos[:, None])[None]
+        return positions, mask[:, None]

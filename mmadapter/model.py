@@ -1,0 +1,234 @@
+"""The composed model: frozen base LM + (optional) adapter + (optional) frozen CLIP tower.
+
+`MMAdapter` owns no trainable weights of its own: the adapter does. Swapping `model.adapter` (or passing
+`adapter=` per call) selects another adapter over the same base without copying it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adapter import Adapter
+from .config import AdapterConfig, VisionConfig
+from .generate import Sampling, TextStream, decode_tokens
+from .llama import AdapterKV, Llama
+from .tokenizer import Tokenizer
+from .weights import DEFAULT_BASE, load_checkpoint
+
+_UNSET: Any = object()
+
+
+class MMAdapter(nn.Module):
+    def __init__(self, base: Llama, tokenizer: Tokenizer | None, *, adapter: Adapter | None = None,
+                 vision: nn.Module | None = None, base_name: str = "", base_fingerprint: str = "",
+                 template: str | None = None) -> None:
+        super().__init__()
+        self.base, self.tokenizer, self.adapter, self.vision = base, tokenizer, adapter, vision
+        self.base_name, self.base_fingerprint = base_name, base_fingerprint
+        self.template = template or ("chat" if tokenizer is not None and tokenizer.chat_template else "alpaca")
+        self.feature_cache = None
+        if vision is not None:
+            from .feature_cache import FeatureCache
+
+            self.feature_cache = FeatureCache()
+
+    # ------------------------------------------------------------------------------------------
+    # building
+
+    def add_adapter(self, config: AdapterConfig | None = None, seed: int | None = None) -> Adapter:
+        """A fresh trainable adapter (zero gates: the model still equals the base) on the base's device."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        vision_config = getattr(self.vision, "config", None)
+        feature_dim = getattr(self.vision, "feature_dim", None)
+        device = self.base.tok_embeddings.weight.device
+        self.adapter = Adapter(config or AdapterConfig(), self.base.config, vision_config, feature_dim).to(device)
+        return self.adapter
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [] if self.adapter is None else [p for p in self.adapter.parameters() if p.requires_grad]
+
+    def summary(self) -> str:
+        c = self.base.config
+        lines = [f"base: {self.base_name or c.name} ({c.n_layers} layers, dim {c.dim}, {c.n_heads} heads / "
+                 f"{c.n_kv_heads} kv heads, {sum(p.numel() for p in self.base.parameters()) / 1e6:.1f}M frozen)"]
+        if self.vision is not None:
+            lines.append(f"vision: {getattr(self.vision, 'fingerprint', type(self.vision).__name__)} (frozen)")
+        if self.adapter is None:
+            lines.append("adapter: none")
+        else:
+            a = self.adapter
+            lines.append(f"adapter: K={a.config.n_prompts} prompts x L={a.n_layers} layers "
+                         f"(layers {a.first_layer}-{c.n_layers - 1}); trainable parameters:")
+            lines += [f"  {part:<10} {n:>12,}" for part, n in a.parameter_counts().items()]
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------------------------------
+    # forward passes
+
+    def image_features(self, images: Sequence[Any | None]) -> tuple[Tensor | None, Tensor]:
+        """Tower features [B, F] for a batch where entries may be None (text-only), and has_image [B]."""
+        device = self.base.tok_embeddings.weight.device
+        has_image = torch.tensor([im is not None for im in images], dtype=torch.bool, device=device)
+        if not bool(has_image.any()):
+            return None, has_image
+        if self.vision is None or self.feature_cache is None:
+            raise ValueError("an image was given but this model has no vision tower; build it with "
+                             "vision=VisionConfig(...) or load a multimodal adapter")
+        present = [im for im in images if im is not None]
+        feats = self.feature_cache.features(self.vision, present).to(device)  # [n_present, F]
+        out = feats.new_zeros(len(images), feats.shape[-1])
+        out[has_image] = feats
+        return out, has_image
+
+    def adapter_kv(self, image_features: Tensor | None = None, has_image: Tensor | None = None,
+                   adapter: Adapter | None = _UNSET) -> AdapterKV | None:
+        """Prompt K/V for this batch (through autograd when training); None without an adapter."""
+        adapter = self.adapter if adapter is _UNSET else adapter
+        if adapter is None:
+            if image_features is not None:
+                raise ValueError("images need an adapter with a projector; this model has no adapter")
+            return None
+        image_tokens = None
+        if image_features is not None:
+            image_tokens = adapter.image_tokens(image_features, has_image)  # [B, C]
+        return adapter.prompt_kv(self.base, image_tokens)
+
+    def forward(self, tokens: Tensor, image_features: Tensor | None = None, has_image: Tensor | None = None,
+                adapter: Adapter | None = _UNSET) -> Tensor:
+        """Logits [B, T, V]."""
+        kv = self.adapter_kv(image_features, has_image, adapter)
+        return self.base.head(self.base(tokens, adapter=kv))
+
+    def loss(self, tokens: Tensor, labels: Tensor, image_features: Tensor | None = None,
+             has_image: Tensor | None = None, prefix: Tensor | None = None,
+             reduction: str = "mean") -> Tensor:
+        """Next-token cross-entropy on labelled positions only (labels -100 elsewhere).
+
+        The LM head runs only where a label exists, which skips most of the vocab projection for
+        instruction data. `prefix` is the cached output of the frozen layers below the adapter.
+        """
+        kv = self.adapter_kv(image_features, has_image)
+        if prefix is not None:
+            if kv is None:
+                raise ValueError("the frozen-prefix cache needs an adapter")
+            h = self.base(hidden=prefix, start_layer=kv.first_layer, adapter=kv)
+        else:
+            h = self.base(tokens, adapter=kv)  # [B, T, C]
+        targets = labels[:, 1:]  # position t predicts token t+1
+        selected = targets != -100
+        logits = self.base.head(h[:, :-1][selected])  # [N, V]
+        return F.cross_entropy(logits.float(), targets[selected], reduction=reduction)
+
+    # ------------------------------------------------------------------------------------------
+    # generation
+
+    def template_for(self, adapter: Adapter | None = _UNSET) -> str:
+        """The prompt template of an adapter (the one it was trained with), else the model's default."""
+        adapter = self.adapter if adapter is _UNSET else adapter
+        return (adapter.template if adapter is not None else None) or self.template
+
+    def prompt_ids(self, prompt: str, template: str | None = None, history: Sequence[tuple[str, str]] = (),
+                   adapter: Adapter | None = _UNSET) -> list[int]:
+        """Token ids of a user prompt rendered with a template ("raw" = the text as is)."""
+        tok = self._require_tokenizer()
+        name = template or self.template_for(adapter)
+        if name == "raw":
+            text = prompt
+        else:
+            from .data.templates import get_template
+
+            text = get_template(name).prompt(prompt, history=history, tokenizer=tok)
+        ids = tok.encode(text, bos=tok.add_bos)
+        return ids
+
+    def generate(self, prompt: str | Sequence[str], image: Any = None, *, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] = (),
+                 seed: int | None = None, template: str | None = None,
+                 adapter: Adapter | None = _UNSET) -> str | list[str]:
+        """Complete one prompt (returns str) or a batch (list of prompts, images: list; returns list)."""
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        images = [image] if single else list(image) if image is not None else [None] * len(prompts)
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
+        s = Sampling(max_new_tokens, temperature, top_p, top_k, seed)
+        streams = [TextStream(self._require_tokenizer(), stop) for _ in prompts]
+        ids = [self.prompt_ids(p, template, adapter=adapter) for p in prompts]
+        for step in self._decode(ids, images, s, adapter):
+            for stream, token in zip(streams, step.tolist()):
+                if not stream.stopped and token not in self.tokenizer.eos_ids:
+                    stream.push(token)
+            if all(st.stopped for st in streams):
+                break
+        texts = [st.text() if not st.stopped else _cut_at_stop(st.text(), stop) for st in streams]
+        return texts[0] if single else texts
+
+    def stream(self, prompt: str, image: Any = None, *, max_new_tokens: int = 256, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] = (), seed: int | None = None,
+               template: str | None = None, history: Sequence[tuple[str, str]] = (),
+               adapter: Adapter | None = _UNSET) -> Iterator[str]:
+        """Yield text pieces as they are decoded; joined, they equal `generate(...)`.
+
+        history: earlier (question, answer) turns of a chat, rendered with the template.
+        """
+        s = Sampling(max_new_tokens, temperature, top_p, top_k, seed)
+        stream = TextStream(self._require_tokenizer(), stop)
+        ids = self.prompt_ids(prompt, template, history, adapter)
+        for step in self._decode([ids], [image], s, adapter):
+            token = int(step[0])
+            if token in self.tokenizer.eos_ids:
+                break
+            piece = stream.push(token)
+            if piece:
+                yield piece
+            if stream.stopped:
+                return
+        tail = stream.finish()
+        if tail:
+            yield tail
+
+    def _decode(self, prompts: list[list[int]], images: list[Any], s: Sampling,
+                adapter: Adapter | None) -> Iterator[Tensor]:
+        with torch.inference_mode():
+            feats, has_image = self.image_features(images)
+            kv = self.adapter_kv(feats, has_image, adapter)  # once per request, reused by every step
+        yield from decode_tokens(self.base, prompts, kv, s, self.tokenizer.eos_ids)
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this base has no tokenizer (a random-weight preset?); pass token ids to forward()")
+        return self.tokenizer
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def load_base(spec: str = DEFAULT_BASE, dtype: torch.dtype | None = None,
+              device: str | torch.device | None = None) -> MMAdapter:
+    """A frozen base with its tokenizer and no adapter: an embedded name, a preset, a path or a hub id."""
+    loaded = load_checkpoint(spec, dtype=dtype, device=device)
+    return MMAdapter(loaded.model, loaded.tokenizer, base_name=loaded.name, base_fingerprint=loaded.fingerprint)
+
+
+def build_model(base: str | MMAdapter = DEFAULT_BASE, adapter: AdapterConfig | None = None,
+                vision: VisionConfig | None = None, *, dtype: torch.dtype | None = None,
+                device: str | torch.device | None = None, seed: int | None = None) -> MMAdapter:
+    """Base + a fresh adapter (+ a frozen CLIP tower and a projector when `vision` is given)."""
+    model = base if isinstance(base, MMAdapter) else load_base(base, dtype=dtype, device=device)
+    if vision is not None:
+        from .vision import VisionTower
+
+        model.vision = VisionTower(vision).to(model.base.tok_embeddings.weight.device)
+        from .feature_cache import FeatureCache
+
+        model.feature_cache = FeatureCache()
+    model.add_adapter(adapter or AdapterConfig(), seed=seed)
+    return model
