@@ -1,0 +1,45 @@
+"""Flags shared by several sub-commands, so they are spelled the same everywhere."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..weights import DEFAULT_BASE
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default=DEFAULT_BASE,
+                   help=f"base model: embedded name, local dir/.gguf, or hub id (default: {DEFAULT_BASE})")
+    p.add_argument("--adapter", default=None, help="adapter file (.safetensors) to load over the base")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="load an adapter whose base fingerprint differs (same model, other format/quantisation)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed)
+
+
+def load_model(args: argparse.Namespace):
+    """Base (+ adapter) from the shared model flags."""
+    import torch
+
+    from ..adapter_file import load_adapter
+    from ..model import load_base
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = load_base(args.base, dtype=dtype, device=args.device)
+    if args.adapter:
+        load_adapter(model, args.adapter, allow_base_mismatch=args.allow_base_mismatch)
+    return model
