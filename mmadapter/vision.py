@@ -1,0 +1,329 @@
+"""The image side: a frozen open_clip tower -> multi-scale global features -> projector -> I_p.
+
+LLaMA-Adapter (arXiv 2303.16199, §3.3) takes CLIP's global feature at M depths, concatenates them
+along channels and maps them with a small MLP to one image token I_p [B, C] that is added to every
+adaptation prompt. The tower is built only through `open_clip.create_model_and_transforms`, so the
+architecture, weights and preprocessing are open_clip's own; the scales come from open_clip's
+`forward_intermediates` API (open_clip_torch >= 2.31), so nothing in open_clip is reimplemented.
+
+- ViT towers: the class token after M blocks evenly spaced over the depth (the deepest being the
+  last block), each through the tower's own `ln_post` and `proj`. The deepest scale is exactly
+  `encode_image(x)` before normalisation; every scale has the embedding width E -> [B, M*E].
+- ModifiedResNet towers (RN50, ...): the global-average-pooled output of the deepest M of the four
+  stages layer1..layer4 (so n_scales is 1..4; the default 4 uses every stage). Widths differ per
+  stage (256+512+1024+2048 for RN50) -> [B, sum of widths].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import socket
+import threading
+from pathlib import Path
+from typing import Any, Callable, Sequence
+from urllib.parse import urlparse
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .config import VisionConfig
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+HUB_PROBE_TIMEOUT_S = 3.0
+_SUPPORTED = (
+    "open_clip VisionTransformer towers with class-token pooling (ViT-B-32, ViT-L-14, ...) and "
+    "ModifiedResNet towers (RN50, RN101, ...)"
+)
+
+
+class VisionWeightsError(RuntimeError):
+    """The tower's weights cannot be found or loaded; the message says what to pass instead."""
+
+
+class VisionTower(nn.Module):
+    """A frozen open_clip image tower returning multi-scale global features [B, feature_dim].
+
+    Attributes: feature_dim, preprocess (PIL RGB image -> [3, H, W] tensor, open_clip's eval
+    transform), image_size (H, W), weights_hash (sha256 prefix of the visual weights) and
+    fingerprint (model, scales and weights_hash; keys cached features across processes).
+    The tower stays in eval mode even when a parent module calls .train() (BatchNorm statistics
+    and patch dropout must not change), and its parameters never require grad.
+    """
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        import open_clip  # optional dependency: mmadapter[vision]
+
+        if config.n_scales < 1:
+            raise ValueError(f"VisionConfig.n_scales={config.n_scales} must be at least 1")
+        name = _canonical_name(config.model)
+        _check_model_config(open_clip, name)
+        pretrained, quick_gelu = _resolve_pretrained(open_clip, name, config.pretrained)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, force_quick_gelu=quick_gelu, weights_only=True
+            )
+        except pickle.UnpicklingError as e:
+            raise VisionWeightsError(
+                f"refusing to unpickle {pretrained}: it holds more than tensors ({e}). "
+                "Re-save the state dict as .safetensors or as a plain tensor dict."
+            ) from e
+        except RuntimeError as e:
+            if pretrained is not None and Path(pretrained).is_file():
+                raise VisionWeightsError(f"{pretrained} does not hold {name} weights: {e}") from e
+            raise
+        visual = model.visual
+        del model  # the text tower is never used: let it be freed
+
+        self.kind = _tower_kind(open_clip, visual, name)
+        self.visual = visual
+        self.n_scales = config.n_scales
+        self.take_indices = self._scale_indices(visual, config.n_scales)
+        self.feature_dim = self._feature_dim(visual)
+        self.preprocess: Callable[[Image.Image], torch.Tensor] = preprocess
+        size = visual.preprocess_cfg["size"]
+        self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
+
+        self.visual.requires_grad_(False)
+        self.eval()
+        self.weights_hash = weights_sha256(self.visual)[:16]
+        variant = "+quickgelu" if quick_gelu else ""
+        self.fingerprint = f"{name}{variant}:m{config.n_scales}:{self.weights_hash}"
+        if config.weights_hash is not None and config.weights_hash != self.weights_hash:
+            log.warning(
+                "vision tower weights (sha256 %s) differ from the ones this config was trained with (%s): "
+                "image features will not match what the projector learned",
+                self.weights_hash, config.weights_hash,
+            )
+
+    def train(self, mode: bool = True) -> VisionTower:
+        return super().train(False)  # frozen: always eval (see the class docstring)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.visual.parameters()).device
+
+    def preprocess_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """RGB PIL images -> [B, 3, H, W] with open_clip's resize, crop and normalisation."""
+        return torch.stack([self.preprocess(image) for image in images])
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] preprocessed pixels -> [B, feature_dim] multi-scale global features."""
+        first_param = next(self.visual.parameters())
+        pixels = pixels.to(device=first_param.device, dtype=first_param.dtype)
+        if self.kind == "vit":
+            out = self.visual.forward_intermediates(
+                pixels, indices=self.take_indices, intermediates_only=True,
+                output_fmt="NLC", output_extra_tokens=True,
+            )
+            # image_intermediates_prefix: M x [B, 1, width], the class token after each chosen block
+            scales = [self._project_class_token(prefix[:, 0]) for prefix in out["image_intermediates_prefix"]]
+        else:
+            out = self.visual.forward_intermediates(pixels, indices=self.take_indices, intermediates_only=True)
+            scales = [stage.mean(dim=(2, 3)) for stage in out["image_intermediates"]]  # M x [B, C_m]
+        return torch.cat(scales, dim=-1)  # [B, feature_dim]
+
+    def _project_class_token(self, token: torch.Tensor) -> torch.Tensor:
+        """[B, width] -> [B, E], as VisionTransformer._pool does for 'tok' pooling (LayerNorm is per
+        token, so normalising before or after taking the token is the same)."""
+        token = self.visual.ln_post(token)
+        return token @ self.visual.proj if self.visual.proj is not None else token
+
+    def _scale_indices(self, visual: nn.Module, n_scales: int) -> list[int]:
+        if self.kind == "vit":
+            n_blocks = len(visual.transformer.resblocks)
+            if n_scales > n_blocks:
+                raise ValueError(f"n_scales={n_scales} exceeds the tower's {n_blocks} transformer blocks")
+            return [(m + 1) * n_blocks // n_scales - 1 for m in range(n_scales)]  # last = n_blocks - 1
+        if n_scales > 4:
+            raise ValueError(f"n_scales={n_scales}: a ResNet tower has 4 stages, so n_scales must be 1 to 4")
+        return list(range(5 - n_scales, 5))  # forward_intermediates indexes [stem, layer1, ..., layer4]
+
+    def _feature_dim(self, visual: nn.Module) -> int:
+        if self.kind == "vit":
+            width = visual.proj.shape[1] if visual.proj is not None else visual.ln_post.normalized_shape[0]
+            return self.n_scales * int(width)
+        stages = [visual.layer1, visual.layer2, visual.layer3, visual.layer4]
+        return sum(stages[i - 1][-1].bn3.num_features for i in self.take_indices)
+
+
+class Projector(nn.Module):
+    """Trainable MLP from the concatenated multi-scale features to one image token I_p.
+
+    Linear(feature_dim, hidden) -> GELU -> Linear(hidden, dim): [B, feature_dim] -> [B, dim].
+    Parameters: (feature_dim + 1) * hidden + (hidden + 1) * dim; at hidden=128 that is 0.92M for
+    ViT-L-14 (4 x 768 features) into a 4096-wide LM, 0.47M into SmolLM2-135M (576).
+    """
+
+    def __init__(self, feature_dim: int, dim: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(feature_dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(features)))  # [B, feature_dim] -> [B, dim]
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes, bytes) in sorted key order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+# --- tower type checks --------------------------------------------------------------------------
+
+
+def _canonical_name(model_name: str) -> str:
+    """open_clip accepts 'ViT-L/14' for 'ViT-L-14'; schema names ('hf-hub:org/repo') keep their slashes."""
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        return model_name
+    return model_name.replace("/", "-")
+
+
+def _check_model_config(open_clip: Any, model_name: str) -> None:
+    """Reject unknown names and unsupported tower types before any weights are downloaded."""
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        return  # the config lives with the weights; _tower_kind checks the built tower
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ValueError(
+            f"unknown open_clip model {model_name!r}; open_clip.list_models() lists the known names "
+            "(e.g. ViT-L-14, ViT-B-32, RN50)"
+        )
+    vision_cfg = cfg.get("vision_cfg", {})
+    if "timm_model_name" in vision_cfg:
+        raise ValueError(
+            f"{model_name} uses a timm image tower ({vision_cfg['timm_model_name']}); mmadapter supports {_SUPPORTED}"
+        )
+
+
+def _tower_kind(open_clip: Any, visual: nn.Module, model_name: str) -> str:
+    from open_clip.modified_resnet import ModifiedResNet
+    from open_clip.transformer import VisionTransformer
+
+    if isinstance(visual, VisionTransformer):
+        if not hasattr(visual, "forward_intermediates"):
+            raise RuntimeError(f"open_clip {open_clip.__version__} is too old: mmadapter needs open_clip_torch>=2.31")
+        if visual.attn_pool is not None or visual.pool_type != "tok":
+            raise ValueError(
+                f"{model_name}: ViT towers with attentional or {visual.pool_type!r} pooling are not supported; "
+                f"mmadapter supports {_SUPPORTED}"
+            )
+        return "vit"
+    if isinstance(visual, ModifiedResNet):
+        return "resnet"
+    raise ValueError(f"{model_name} has a {type(visual).__name__} image tower; mmadapter supports {_SUPPORTED}")
+
+
+# --- where the weights come from ----------------------------------------------------------------
+
+
+def _resolve_pretrained(open_clip: Any, model_name: str, pretrained: str | None) -> tuple[str | None, bool]:
+    """Return (what to pass as open_clip's `pretrained`, whether to force QuickGELU).
+
+    Tags are checked against the local caches first so that an offline machine fails in seconds
+    with a useful message instead of retrying downloads.
+    """
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        if pretrained is not None:
+            log.info("pretrained=%r is ignored: %s carries its own weights", pretrained, model_name)
+        return None, False
+    if pretrained is None:
+        log.warning(
+            "VISION TOWER %s HAS RANDOM WEIGHTS (pretrained=None): answers about images will be meaningless. "
+            "Pass an open_clip tag (e.g. 'openai') or a local checkpoint file.", model_name,
+        )
+        return None, False
+    path = Path(pretrained).expanduser()
+    if path.is_file() or path.suffix in CHECKPOINT_SUFFIXES or os.sep in pretrained or "/" in pretrained:
+        if not path.is_file():
+            raise VisionWeightsError(f"checkpoint file {pretrained} does not exist")
+        if path.suffix not in CHECKPOINT_SUFFIXES:
+            raise VisionWeightsError(
+                f"{pretrained}: unsupported checkpoint type {path.suffix!r}; "
+                f"use one of {', '.join(CHECKPOINT_SUFFIXES)}"
+            )
+        return str(path), False  # OpenAI weights need a '-quickgelu' model name, e.g. ViT-L-14-quickgelu
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise VisionWeightsError(
+            f"{pretrained!r} is neither a checkpoint file nor an open_clip tag for {model_name} "
+            f"(known tags: {', '.join(tags) or 'none'})"
+        )
+    _require_tag_weights(model_name, pretrained, tag_cfg)
+    return pretrained, bool(tag_cfg.get("quick_gelu", False))
+
+
+def _require_tag_weights(model_name: str, tag: str, tag_cfg: dict[str, Any]) -> None:
+    """Raise VisionWeightsError if the tag's weights are not cached and cannot be downloaded now."""
+    from open_clip.pretrained import has_hf_hub
+
+    if "file" in tag_cfg:
+        return
+    if has_hf_hub() and tag_cfg.get("hf_hub"):
+        from huggingface_hub import constants, try_to_load_from_cache
+        from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+        repo_id, filename = os.path.split(tag_cfg["hf_hub"])
+        candidates = [filename] if filename else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]
+        if filename.endswith((".bin", ".pth")):
+            candidates.insert(0, filename[:-4] + ".safetensors")
+        if any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in candidates):
+            return
+        source, host = f"hf-hub:{repo_id}/{candidates[-1]}", urlparse(constants.ENDPOINT).hostname
+    else:
+        url = tag_cfg["url"]
+        if (Path("~/.cache/clip").expanduser() / os.path.basename(url)).is_file():
+            return
+        source, host = url, urlparse(url).hostname
+    if _hub_offline():
+        reason = "offline mode is on (HF_HUB_OFFLINE)"
+    elif not _host_reachable(host or ""):
+        reason = f"{host} cannot be reached"
+    else:
+        return  # open_clip downloads them
+    raise VisionWeightsError(
+        f"the {model_name} '{tag}' CLIP weights ({source}) are not in the local cache and {reason}. "
+        f"Download them once where the hub is reachable, or pass a local checkpoint file: "
+        f"VisionConfig(model={model_name!r}, pretrained='/path/to/weights.safetensors') "
+        f"(.safetensors, .bin, .pt or .pth)"
+    )
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return flag or bool(constants.HF_HUB_OFFLINE)
+
+
+def _host_reachable(host: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Can we open a TCP connection to host:443 within `timeout` seconds (DNS included)?"""
+    if any(os.environ.get(var) for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # only the proxy knows; let the download try
+    reachable = threading.Event()
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            reachable.set()
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)  # getaddrinfo ignores socket timeouts
+    thread.start()
+    thread.join(timeout)
+    return reachable.is_set()
