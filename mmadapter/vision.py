@@ -16,6 +16,7 @@ architecture, weights and preprocessing are open_clip's own; the scales come fro
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -93,6 +94,7 @@ class VisionTower(nn.Module):
         self.visual.requires_grad_(False)
         self.eval()
         self.weights_hash = weights_sha256(self.visual)[:16]
+        self.config = dataclasses.replace(config, weights_hash=self.weights_hash)
         variant = "+quickgelu" if quick_gelu else ""
         self.fingerprint = f"{name}{variant}:m{config.n_scales}:{self.weights_hash}"
         if config.weights_hash is not None and config.weights_hash != self.weights_hash:

@@ -1,0 +1,111 @@
+"""The image token reaches every adapted layer's prompts, per sample, and only there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from test_vision import TINY_VIT, register_tiny_models, save_reference
+
+from mmadapter import AdapterConfig, VisionConfig, build_model, load_base
+from mmadapter.adapter_file import AdapterFileError, load_adapter, save_adapter
+
+
+@pytest.fixture(scope="module")
+def vit_weights(tmp_path_factory):
+    register_tiny_models(tmp_path_factory.mktemp("open_clip_configs"))
+    path = tmp_path_factory.mktemp("clip") / "tiny_vit.safetensors"
+    save_reference(TINY_VIT, path, seed=0)
+    return path
+
+
+@pytest.fixture()
+def mm_model(tiny_hf, vit_weights):
+    model = build_model(str(tiny_hf[0]), AdapterConfig(n_prompts=4, n_layers=2),
+                        VisionConfig(model=TINY_VIT, pretrained=str(vit_weights), projector_hidden=16), seed=0)
+    return model
+
+
+def _images(*colours):
+    return [None if c is None else Image.new("RGB", (40, 40), c) for c in colours]
+
+
+def _tokens(b=2, t=12):
+    return torch.randint(3, 256, (b, t), generator=torch.Generator().manual_seed(0))
+
+
+def test_zero_gates_equal_base_whatever_the_image(mm_model):
+    tokens = _tokens()
+    with torch.no_grad():
+        base = mm_model(tokens, adapter=None)
+        for colours in [("red", "blue"), ("green", None)]:
+            feats, has = mm_model.image_features(_images(*colours))
+            assert torch.equal(mm_model(tokens, feats, has), base)
+
+
+def test_image_changes_output_once_gates_open(mm_model):
+    with torch.no_grad():
+        mm_model.adapter.gates.fill_(0.5)
+        tokens = _tokens(1)
+        a = mm_model(tokens, *mm_model.image_features(_images("red")))
+        b = mm_model(tokens, *mm_model.image_features(_images("blue")))
+        plain = mm_model(tokens)
+    assert (a - b).abs().max() > 1e-4 and (a - plain).abs().max() > 1e-4
+
+
+def test_mixed_batch_isolation(mm_model):
+    with torch.no_grad():
+        mm_model.adapter.gates.fill_(0.5)
+        tokens = _tokens(3)
+        out1 = mm_model(tokens, *mm_model.image_features(_images("red", "blue", None)))
+        out2 = mm_model(tokens, *mm_model.image_features(_images("red", "yellow", None)))
+        alone_text = mm_model(tokens[2:])  # the text-only sample, with plain prompts, on its own
+    torch.testing.assert_close(out1[0], out2[0], atol=1e-6, rtol=0)  # sample 1's image does not leak
+    assert (out1[1] - out2[1]).abs().max() > 1e-4
+    torch.testing.assert_close(out1[2], alone_text[0], atol=1e-5, rtol=0)  # text-only rows get plain prompts
+
+
+def test_image_token_is_added_to_every_adapted_layers_prompts(mm_model):
+    with torch.no_grad():
+        feats, has = mm_model.image_features(_images("red"))
+        tok = mm_model.adapter.image_tokens(feats, has)  # [1, C]
+        kv = mm_model.adapter.prompt_kv(mm_model.base, tok)
+        for i, (k, v) in enumerate(kv.kv):
+            attn = mm_model.base.layers[kv.first_layer + i].attention
+            want_k, want_v = attn.project_prompt(mm_model.adapter.prompts[i][None] + tok[:, None])
+            torch.testing.assert_close(k, want_k)
+            torch.testing.assert_close(v, want_v)
+
+
+def test_adapter_file_carries_the_vision_side(mm_model, tiny_hf, tmp_path):
+    with torch.no_grad():
+        mm_model.adapter.gates.fill_(0.3)
+        mm_model.adapter.projector.fc2.bias.add_(0.1)
+    path = save_adapter(mm_model, tmp_path / "mm.safetensors")
+    fresh = load_base(str(tiny_hf[0]))  # no tower yet: loading builds it from the file
+    load_adapter(fresh, path)
+    assert fresh.vision is not None and fresh.vision.fingerprint == mm_model.vision.fingerprint
+    tokens = _tokens(1)
+    with torch.no_grad():
+        want = mm_model(tokens, *mm_model.image_features(_images("red")))
+        got = fresh(tokens, *fresh.image_features(_images("red")))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_adapter_refuses_a_different_tower(mm_model, tiny_hf, tmp_path):
+    path = save_adapter(mm_model, tmp_path / "mm.safetensors")
+    other_weights = tmp_path / "other_vit.safetensors"
+    save_reference(TINY_VIT, other_weights, seed=1)
+    other = build_model(str(tiny_hf[0]), AdapterConfig(n_prompts=4, n_layers=2),
+                        VisionConfig(model=TINY_VIT, pretrained=str(other_weights), projector_hidden=16))
+    with pytest.raises(AdapterFileError, match="image tower"):
+        load_adapter(other, path)
+
+
+def test_adapter_refuses_a_different_base(mm_model, tmp_path):
+    from conftest import save_tiny_hf
+
+    path = save_adapter(mm_model, tmp_path / "mm.safetensors")
+    save_tiny_hf(tmp_path / "other", seed=7)
+    with pytest.raises(AdapterFileError, match="fingerprint"):
+        load_adapter(load_base(str(tmp_path / "other")), path)
