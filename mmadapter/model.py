@@ -147,6 +147,33 @@ class MMAdapter(nn.Module):
         ids = tok.encode(text, bos=tok.add_bos)
         return ids
 
+    def fit_prompt(self, prompt: str, history: Sequence[tuple[str, str]] = (), max_prompt_tokens: int | None = None,
+                   template: str | None = None, adapter: Adapter | None = _UNSET) -> tuple[str, list[tuple[str, str]], str | None]:
+        """Shorten a chat to fit `max_prompt_tokens`: drop the oldest turns, then cut the prompt's end.
+
+        Returns (prompt, history, note) where note says what was cut (None when nothing was).
+        """
+        limit = max_prompt_tokens or self.base.config.max_seq_len // 2
+        history = list(history)
+
+        def n_tokens(p: str, h: Sequence[tuple[str, str]]) -> int:
+            return len(self.prompt_ids(p, template, h, adapter))
+
+        dropped = 0
+        while history and n_tokens(prompt, history) > limit:
+            history.pop(0)
+            dropped += 1
+        note = f"dropped the {dropped} oldest turn(s) of the conversation to fit the context" if dropped else None
+        if n_tokens(prompt, history) <= limit:
+            return prompt, history, note
+        lo, hi = 0, len(prompt)  # longest prefix of the prompt that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if n_tokens(prompt[:mid], history) <= limit else (lo, mid - 1)
+        cut = f"the question was truncated to its first {lo:,} of {len(prompt):,} characters to fit the context " \
+              f"of {limit:,} tokens"
+        return prompt[:lo], history, cut if note is None else f"{note}; {cut}"
+
     def generate(self, prompt: str | Sequence[str], image: Any = None, *, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] = (),
                  seed: int | None = None, template: str | None = None,
