@@ -80,18 +80,22 @@ def decode_tokens(base: Llama, prompts: Sequence[Sequence[int]], adapter: Adapte
         generator = torch.Generator(device=device).manual_seed(s.seed)
     eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
+    # Inference mode is entered per step, never across a `yield`: the consumer may resume this
+    # generator on another thread (web servers do), where a mode entered here would not be active.
     with torch.inference_mode():
         cache = base.new_cache(b, total)
         input_pos = torch.arange(longest, device=device)
         h = base(tokens, input_pos=input_pos, cache=cache, key_mask=key_mask if padded else None, adapter=adapter)
         logits = base.head(h[:, -1])  # [B, V]
-        for step in range(s.max_new_tokens):
+    for step in range(s.max_new_tokens):
+        with torch.inference_mode():
             nxt = sample(logits, s, generator)
             nxt = torch.where(done, eos[0], nxt)
             done |= torch.isin(nxt, eos)
-            yield nxt
-            if bool(done.all()) or step == s.max_new_tokens - 1:
-                return
+        yield nxt
+        if bool(done.all()) or step == s.max_new_tokens - 1:
+            return
+        with torch.inference_mode():
             pos = torch.tensor([longest + step], device=device)
             h = base(nxt[:, None], input_pos=pos, cache=cache, key_mask=key_mask if padded else None,
                      adapter=adapter)

@@ -1,0 +1,1 @@
+"""The mmadapter Gradio app: `python -m app` or `mmadapter serve`."""

@@ -1,0 +1,82 @@
+"""`python -m app` / `mmadapter serve`: the Gradio visual question answering app."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mmadapter.weights import DEFAULT_BASE
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default=DEFAULT_BASE, help=f"base model (default: {DEFAULT_BASE})")
+    p.add_argument("--vision", default=None, metavar="MODEL[:PRETRAINED]",
+                   help="open_clip image tower for multimodal adapters, e.g. ViT-L-14:openai or "
+                        "ViT-L-14:/path/weights.safetensors (default: the tower each adapter file names)")
+    p.add_argument("--adapters-dir", default="adapters", help="folder of adapter .safetensors files (default: ./adapters)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
+    p.add_argument("--concurrency", type=int, default=2, help="requests generated at the same time (default: 2)")
+    p.add_argument("--queue-size", type=int, default=32, help="requests waiting before new ones are refused")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer chats are truncated with a note")
+    p.add_argument("--max-file-size", default="20mb", help="largest upload accepted (default: 20mb)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--device", default=None)
+
+
+def build_service(args: argparse.Namespace):
+    import torch
+
+    from mmadapter.adapter_set import AdapterSet
+    from mmadapter.model import load_base
+
+    from .service import ChatService
+
+    model = load_base(args.base, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
+    if args.vision:
+        from mmadapter.config import VisionConfig
+        from mmadapter.feature_cache import FeatureCache
+        from mmadapter.vision import VisionTower
+
+        name, _, pretrained = args.vision.partition(":")
+        model.vision = VisionTower(VisionConfig(model=name, pretrained=pretrained or None))
+        model.feature_cache = FeatureCache()
+    adapters_dir = Path(args.adapters_dir)
+    adapters = AdapterSet.from_folder(model, adapters_dir) if adapters_dir.is_dir() else AdapterSet(model)
+    return ChatService(model, adapters, max_prompt_tokens=args.max_prompt_tokens)
+
+
+def launch(args: argparse.Namespace, block: bool = True):
+    """Build the model and the page and start serving; returns (demo, local_url)."""
+    from .ui import build_demo
+
+    demo = build_demo(build_service(args))
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
+    _, local_url, share_url = demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+                                          max_file_size=args.max_file_size, prevent_thread_lock=True,
+                                          quiet=True)
+    print(f"mmadapter app running at {local_url}" + (f" (public: {share_url})" if share_url else ""), flush=True)
+    if block:
+        demo.block_thread()
+    return demo, local_url
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
+    add_serve_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        launch(args)
+    except (ValueError, OSError) as e:
+        print(f"app: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""What the app does, without the UI: answer a chat turn about an optional image, never crash.
+
+Every failure a user can cause (an empty question, a file that is not an image, a truncated or huge
+image, a question longer than the context) becomes a friendly message in the chat; the next
+request works as usual. Uploaded files are read only through `mmadapter.images.load_image` from the
+path Gradio gives for the upload — never from a path typed by the user.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmadapter.adapter_set import NO_ADAPTER, AdapterSet
+from mmadapter.images import ImageError, load_image
+from mmadapter.model import MMAdapter
+
+log = logging.getLogger(__name__)
+
+WARN = "⚠️ "
+
+
+@dataclass
+class Reply:
+    """One streamed state of the assistant's answer: its text so far and an optional note."""
+
+    text: str
+    note: str | None = None
+    image_rejected: bool = False  # the upload was not a usable image: forget it for this conversation
+
+    def render(self) -> str:
+        if not self.note:
+            return self.text
+        if not self.text:
+            return WARN + self.note
+        return f"{self.text}\n\n_({self.note})_"
+
+
+class ChatService:
+    def __init__(self, model: MMAdapter, adapters: AdapterSet, max_prompt_tokens: int = 2048,
+                 max_image_pixels: int = 40_000_000) -> None:
+        self.model, self.adapters = model, adapters
+        self.max_prompt_tokens, self.max_image_pixels = max_prompt_tokens, max_image_pixels
+        self._lock = threading.Lock()  # guards the counters only; requests run concurrently
+        self.requests = self.failures = 0
+
+    def status_markdown(self) -> str:
+        """What is loaded, with a visible warning when the image tower has random weights."""
+        m = self.model
+        lines = [f"**Base:** `{m.base_name}` ({m.base.config.n_layers} layers, dim {m.base.config.dim})"]
+        if m.vision is None:
+            lines.append("**Vision tower:** none — images need a multimodal adapter or `--vision`")
+        else:
+            lines.append(f"**Vision tower:** `{m.vision.config.model}` ({m.vision.config.pretrained or 'random'})")
+            if m.vision.config.pretrained is None:
+                lines.append(f"{WARN}**The vision tower has random weights: answers about images are meaningless.** "
+                             "Start the app with `--vision ViT-L-14:openai` (or a local weights file).")
+        lines.append(f"**Adapters:** {', '.join(f'`{n}`' for n in self.adapters.names())}")
+        for path, error in self.adapters.errors.items():
+            lines.append(f"{WARN}`{Path(path).name}` could not be loaded: {error}")
+        return "  \n".join(lines)
+
+    def answer(self, question: str, image_path: str | None, history: Sequence[tuple[str, str]],
+               adapter_name: str = NO_ADAPTER, *, temperature: float = 0.0, top_p: float = 1.0,
+               max_new_tokens: int = 256) -> Iterator[Reply]:
+        """Stream the answer to one turn. Never raises for bad input: yields a Reply with a note instead."""
+        with self._lock:
+            self.requests += 1
+        question = (question or "").strip()
+        if not question:
+            yield Reply("", "Please type a question." + (" The image is kept for your next question."
+                                                         if image_path else ""))
+            return
+        try:
+            adapter = self.adapters.get(adapter_name)
+        except ValueError:
+            yield Reply("", f"Unknown adapter {adapter_name!r}; pick one from the list.")
+            return
+        image, note = None, None
+        if image_path is not None:
+            try:
+                image = load_image(image_path, max_pixels=self.max_image_pixels)
+            except ImageError as e:
+                yield Reply("", f"That file could not be used as an image: {_user_message(e, image_path)}. "
+                                "Please upload a PNG, JPEG, WebP or similar picture.", image_rejected=True)
+                return
+            if adapter is None or adapter.projector is None:
+                image, note = None, "the selected adapter has no image pathway, so the image was not used"
+        try:
+            question, history, cut = self.model.fit_prompt(question, history, self.max_prompt_tokens, adapter=adapter)
+            note = "; ".join(n for n in (note, cut) if n) or None
+            text = ""
+            for piece in self.model.stream(question, image, history=history, adapter=adapter,
+                                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p):
+                text += piece
+                yield Reply(text, note)
+            yield Reply(text or "(no answer)", note)
+        except (ValueError, RuntimeError) as e:  # a bad setting or an internal failure: report, keep serving
+            with self._lock:
+                self.failures += 1
+            log.exception("request failed")
+            yield Reply("", f"Sorry, that request failed: {e}")
+
+
+def _user_message(error: Exception, path: str) -> str:
+    """The error without the server-side upload path (it means nothing to the user)."""
+    return str(error).replace(str(path), "the upload")

@@ -1,0 +1,149 @@
+"""The Gradio app, driven over HTTP with the official gradio_client on localhost."""
+
+from __future__ import annotations
+
+import io
+import socket
+
+import pytest
+import torch
+from PIL import Image
+from test_vision import TINY_VIT, register_tiny_models, save_reference
+
+from mmadapter import AdapterConfig, VisionConfig
+from mmadapter.adapter_file import save_adapter
+from mmadapter.adapter_set import NO_ADAPTER, AdapterSet
+
+gradio_client = pytest.importorskip("gradio_client")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(smollm, tmp_path_factory):
+    """Two adapters over the embedded base: a text one and a multimodal one (tiny random tower)."""
+    from mmadapter.model import build_model
+
+    d = tmp_path_factory.mktemp("adapters")
+    register_tiny_models(tmp_path_factory.mktemp("clip_cfg"))
+    weights = tmp_path_factory.mktemp("clip") / "tiny_vit.safetensors"
+    save_reference(TINY_VIT, weights, seed=0)
+    saved = smollm.adapter, smollm.vision, smollm.feature_cache
+    build_model(smollm, AdapterConfig(n_prompts=10, n_layers=4), seed=1)
+    with torch.no_grad():
+        smollm.adapter.gates.fill_(0.3)
+    save_adapter(smollm, d / "text-open-gates.safetensors")
+    build_model(smollm, AdapterConfig(n_prompts=10, n_layers=4),
+                VisionConfig(model=TINY_VIT, pretrained=str(weights), projector_hidden=32), seed=2)
+    with torch.no_grad():
+        smollm.adapter.gates.fill_(0.3)
+    save_adapter(smollm, d / "vision.safetensors")
+    smollm.adapter, smollm.vision, smollm.feature_cache = saved
+    (d / "broken.safetensors").write_bytes(b"not a safetensors file")
+    return d
+
+
+@pytest.fixture(scope="module")
+def app_url(smollm, adapters_dir):
+    from app.service import ChatService
+    from app.ui import build_demo
+
+    saved = smollm.vision, smollm.feature_cache
+    service = ChatService(smollm, AdapterSet.from_folder(smollm, adapters_dir), max_prompt_tokens=256)
+    demo = build_demo(service)
+    demo.queue(default_concurrency_limit=2, max_size=16)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield url, service
+    demo.close()
+    smollm.vision, smollm.feature_cache = saved
+
+
+def ask(url: str, text: str, files=(), adapter=NO_ADAPTER, history=(), max_new_tokens=24) -> tuple[list, str]:
+    client = gradio_client.Client(url, verbose=False)
+    message = {"text": text, "files": [gradio_client.handle_file(str(f)) for f in files]}
+    chat, _ = client.predict(message, list(history), adapter, 0.0, 0.9, max_new_tokens, api_name="/chat")
+    return chat, chat[-1]["content"][0]["text"]
+
+
+def png(path, colour="red", size=(64, 64)):
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def test_status_lists_adapters_and_warns_about_broken_ones(app_url):
+    _, service = app_url
+    status = service.status_markdown()
+    assert "text-open-gates" in status and "vision" in status
+    assert "broken.safetensors" in status and "could not be loaded" in status
+    assert "random weights" not in status  # the tiny tower was loaded from a weights file
+
+
+def test_questions_with_and_without_an_image_get_answers(app_url, tmp_path):
+    url, _ = app_url
+    _, answer = ask(url, "What is the capital of France?")
+    assert "Paris" in answer
+    chat, answer = ask(url, "What color is this?", files=[png(tmp_path / "red.png")], adapter="vision")
+    assert answer.strip() and not answer.startswith("⚠️")
+    assert chat[0]["content"][0]["type"] == "file"  # the image is shown in the conversation
+
+
+def test_bad_uploads_get_friendly_messages_and_the_app_keeps_working(app_url, tmp_path):
+    url, _ = app_url
+    fake = tmp_path / "photo.jpg"
+    fake.write_text("this is not an image")
+    _, answer = ask(url, "What is this?", files=[fake], adapter="vision")
+    assert answer.startswith("⚠️") and "could not be used as an image" in answer
+    buf = io.BytesIO()
+    Image.new("RGB", (128, 128), "blue").save(buf, format="PNG")
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(buf.getvalue()[:100])
+    _, answer = ask(url, "And this?", files=[truncated], adapter="vision")
+    assert answer.startswith("⚠️")
+    _, answer = ask(url, "What is the capital of France?")
+    assert "Paris" in answer
+
+
+def test_empty_and_overlong_questions(app_url):
+    url, _ = app_url
+    _, answer = ask(url, "   ")
+    assert answer.startswith("⚠️") and "type a question" in answer
+    _, answer = ask(url, "Please summarise: " + "blah " * 3000, max_new_tokens=8)
+    assert "truncated" in answer
+
+
+def test_switching_adapters_changes_the_answer(app_url):
+    url, _ = app_url
+    question = "Write a short sentence about the moon."
+    _, base = ask(url, question)
+    _, adapted = ask(url, question, adapter="text-open-gates")
+    assert base.strip() and adapted.strip() and base != adapted
+
+
+def test_follow_up_keeps_history(app_url, smollm, monkeypatch):
+    url, _ = app_url
+    seen = []
+    original = smollm.stream
+    monkeypatch.setattr(smollm, "stream", lambda *a, **kw: seen.append(kw.get("history")) or original(*a, **kw))
+    chat, first = ask(url, "My name is Ada. Remember it.")
+    ask(url, "What is my name?", history=chat)
+    assert seen[-1] == [("My name is Ada. Remember it.", first)]  # the earlier turn reaches the prompt
+
+
+def test_server_paths_from_requests_are_refused(app_url, monkeypatch):
+    """A raw API call naming a server file (no upload) must never reach our image loader."""
+    import httpx
+
+    url, service = app_url
+    seen = []
+    original = service.answer
+    monkeypatch.setattr(service, "answer", lambda q, path, *a, **kw: seen.append(path) or original(q, path, *a, **kw))
+    file = {"path": "/etc/passwd", "orig_name": "passwd.png", "meta": {"_type": "gradio.FileData"}}
+    payload = {"data": [{"text": "read this", "files": [file]}, [], NO_ADAPTER, 0.0, 0.9, 8]}
+    event = httpx.post(f"{url}gradio_api/call/chat", json=payload, timeout=30).json()["event_id"]
+    stream = httpx.get(f"{url}gradio_api/call/chat/{event}", timeout=60).text
+    assert "event: error" in stream
+    assert "/etc/passwd" not in seen
