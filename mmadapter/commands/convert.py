@@ -1,0 +1,78 @@
+"""`mmadapter convert`: import LLaMA-Adapter V1 / PEFT adapters, export ours to PEFT."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..weights import DEFAULT_BASE
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert", help="import a V1 / PEFT adapter or export one to PEFT",
+        description="Convert an adapter between formats: an mmadapter .safetensors file, a PEFT AdaptionPrompt "
+                    "directory, a LLaMA-Adapter V1 .pth (import only). Importing reads the base to check shapes "
+                    "and record its fingerprint; exporting an mmadapter file needs no base.",
+        epilog="examples:\n"
+               "  mmadapter convert llama_adapter_len10_layer30_release.pth alpaca.safetensors --to mmadapter "
+               "--base /models/llama-7b\n"
+               "  mmadapter convert peft_adapter_dir/ mine.safetensors --to mmadapter --base /models/llama-7b\n"
+               "  mmadapter convert mine.safetensors peft_out/ --to peft",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="adapter to read: .safetensors, PEFT directory, V1 .pth")
+    p.add_argument("dst", help="where to write: a .safetensors file (mmadapter) or a directory (peft)")
+    p.add_argument("--to", required=True, choices=["mmadapter", "peft"], help="output format")
+    p.add_argument("--from", dest="src_format", choices=["mmadapter", "peft", "v1"], default=None,
+                   help="input format (default: detected from the path)")
+    p.add_argument("--base", default=DEFAULT_BASE,
+                   help=f"base model the adapter belongs to, for imports: embedded name, local dir/.gguf, or hub id "
+                        f"(default: {DEFAULT_BASE})")
+    p.add_argument("--n-prompts", type=int, default=None, metavar="K",
+                   help="V1 only: prompts per layer (default: inferred; the official release uses 10)")
+    p.add_argument("--n-layers", type=int, default=None, metavar="L",
+                   help="V1 only: adapted top layers (default: inferred from the gates)")
+    p.add_argument("--template", default=None,
+                   help="prompt template to record in an imported adapter (default: alpaca for V1, none for PEFT)")
+    p.add_argument("--force", action="store_true", help="overwrite dst if it exists")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..adapter_file import save_adapter
+    from ..interop import adapter_from_file, detect_format, import_adapter, save_peft
+
+    src, dst = Path(args.src), Path(args.dst)
+    fmt = args.src_format or detect_format(src)
+    if fmt == args.to:
+        raise ValueError(f"{src} is already in the {fmt} format; nothing to convert")
+    if fmt != "v1" and (args.n_prompts is not None or args.n_layers is not None):
+        raise ValueError(f"--n-prompts / --n-layers apply to V1 files only; a {fmt} adapter stores its shape")
+    if dst.exists() and not args.force:
+        raise ValueError(f"{dst} exists; pass --force to overwrite it")
+    if args.template is not None:
+        from ..data.templates import get_template
+
+        get_template(args.template)  # fail before loading anything
+    if fmt == "mmadapter":  # export: the file knows its base
+        meta, adapter = adapter_from_file(src)
+        base_name, fingerprint = meta.base_name, meta.base_fingerprint
+    else:
+        import torch
+
+        from ..model import load_base
+
+        model = load_base(args.base, dtype=torch.bfloat16)  # read for shapes and fingerprint only
+        adapter = import_adapter(model, src, fmt, n_prompts=args.n_prompts, n_layers=args.n_layers)
+        if args.template is not None:
+            adapter.template = args.template
+        base_name, fingerprint = model.base_name, model.base_fingerprint
+    if args.to == "peft":
+        save_peft(adapter, dst, base_name)
+    else:
+        save_adapter(model, dst, adapter=adapter, training={"imported_from": fmt, "source": src.name})
+    counts = adapter.parameter_counts()
+    print(f"wrote {dst} ({args.to}): K={adapter.config.n_prompts} prompts x L={adapter.n_layers} layers "
+          f"(layers {adapter.first_layer}-{adapter.first_layer + adapter.n_layers - 1}), "
+          f"{counts['total']:,} parameters; base {base_name or '?'} (fingerprint {fingerprint or '?'})")
+    return 0
