@@ -147,3 +147,46 @@ def test_server_paths_from_requests_are_refused(app_url, monkeypatch):
     stream = httpx.get(f"{url}gradio_api/call/chat/{event}", timeout=60).text
     assert "event: error" in stream
     assert "/etc/passwd" not in seen
+
+
+def _chromium_driver():
+    import shutil
+
+    binary, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (binary and driver):
+        pytest.skip("headless browser test skipped: Debian's chromium and chromium-driver are not installed "
+                    "(`make test` installs them where apt-get is available)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+
+
+def test_browser_asks_a_question_and_saves_a_screenshot(app_url, tmp_path):
+    """A real browser loads the page, types a question, sees the streamed answer; the screenshot is kept."""
+    import os
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = app_url
+    browser = _chromium_driver()
+    try:
+        browser.get(url)
+        wait = WebDriverWait(browser, 120)
+        box = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "textarea")))
+        box.send_keys("What is the capital of France?")
+        box.send_keys(Keys.ENTER)
+        wait.until(lambda b: "Paris" in b.find_element(By.CSS_SELECTOR, ".bubble-wrap, [role=log]").text)
+        shot = os.environ.get("MMADAPTER_SCREENSHOT") or str(tmp_path / "app.png")
+        browser.save_screenshot(shot)
+        assert os.path.getsize(shot) > 10_000
+        print(f"screenshot saved to {shot}")
+    finally:
+        browser.quit()
