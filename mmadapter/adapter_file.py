@@ -139,17 +139,21 @@ def load_adapter(model: MMAdapter, path: str | os.PathLike, *, activate: bool = 
     check_base(meta, model, str(path), allow_base_mismatch)
     if meta.vision is not None:
         _ensure_tower(model, meta, str(path))
-    device = model.base.tok_embeddings.weight.device
-    adapter = Adapter(meta.adapter, model.base.config, meta.vision, meta.feature_dim)
+    adapter = build_adapter(meta, tensors, str(path)).to(model.base.tok_embeddings.weight.device)
+    if activate:
+        model.adapter = adapter
+    return adapter
+
+
+def build_adapter(meta: AdapterMeta, tensors: dict[str, torch.Tensor], source: str) -> Adapter:
+    """An Adapter from a file's metadata and tensors (on CPU), checking every name and shape."""
+    adapter = Adapter(meta.adapter, meta.base_config, meta.vision, meta.feature_dim)
     expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if expected != got:
-        raise AdapterFileError(f"{path}: tensors {got} do not match the adapter config, which expects {expected}")
+        raise AdapterFileError(f"{source}: tensors {got} do not match the adapter config, which expects {expected}")
     adapter.load_state_dict(tensors, strict=True)
-    adapter = adapter.to(device)
     adapter.template = meta.template
-    if activate:
-        model.adapter = adapter
     return adapter
 
 

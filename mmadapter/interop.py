@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .adapter import Adapter
-from .adapter_file import METADATA_KEY, AdapterFileError, AdapterMeta, load_adapter, read_adapter
+from .adapter_file import METADATA_KEY, AdapterFileError, AdapterMeta, build_adapter, load_adapter, read_adapter
 from .atomic import atomic_save, atomic_write_text
 from .config import AdapterConfig, LlamaConfig
 
@@ -116,14 +116,7 @@ def import_adapter(model: MMAdapter, path: str | os.PathLike, fmt: str | None = 
 def adapter_from_file(path: str | os.PathLike) -> tuple[AdapterMeta, Adapter]:
     """An mmadapter file as an Adapter without loading its base (for export and inspection)."""
     meta, tensors = read_adapter(path)
-    adapter = Adapter(meta.adapter, meta.base_config, meta.vision, meta.feature_dim)
-    expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in tensors.items()}
-    if expected != got:
-        raise AdapterFileError(f"{path}: tensors {got} do not match the adapter config, which expects {expected}")
-    adapter.load_state_dict(tensors, strict=True)
-    adapter.template = meta.template
-    return meta, adapter
+    return meta, build_adapter(meta, tensors, str(path))
 
 
 def _new_adapter(prompts: Tensor, gates: Tensor, base: LlamaConfig, template: str | None) -> Adapter:
