@@ -107,9 +107,20 @@ class KVCache(nn.Module):
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-    """Scaled dot-product attention with grouped kv heads: q [B, H, T, d], k/v [B, G, S, d] -> [B, H, T, d]."""
-    gqa = q.shape[1] != k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+    """Scaled dot-product attention with grouped kv heads: q [B, H, T, d], k/v [B, G, S, d] -> [B, H, T, d].
+
+    Query head h uses kv head h // (H/G). One query token (decoding) takes plain matmuls: on CPU,
+    SDPA's per-call overhead costs more than the whole computation at T=1.
+    """
+    b, h, t, d = q.shape
+    g, s = k.shape[1], k.shape[2]
+    if t > 1 or causal:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=g != h)
+    qg = q.reshape(b, g, h // g, d)  # the query heads sharing each kv head, as rows
+    scores = (qg @ k.transpose(-1, -2)).float() * d**-0.5  # [B, G, H/G, S], softmax in fp32
+    if mask is not None:
+        scores = scores.masked_fill(~mask.reshape(mask.shape[0], 1, 1, s), float("-inf"))
+    return (scores.softmax(-1).to(v.dtype) @ v).reshape(b, h, 1, d)
 
 
 class Attention(nn.Module):
