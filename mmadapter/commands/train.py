@@ -1,0 +1,124 @@
+"""`mmadapter train`: instruction-tune an adapter; flags are generated from TrainConfig and ModelOptions.
+
+Precedence: dataclass defaults < `--config file.{yaml,json}` (one flat mapping of option names) <
+flags. The effective options are saved to <output_dir>/config.json, which `--config` reads back.
+Under `torchrun --nproc_per_node N -m mmadapter train ...` every process runs this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..train import TrainConfig, coerce_fields, field_type, load_config_file
+from ..weights import DEFAULT_BASE
+
+
+def _opt(default: Any, help: str, **metadata: Any) -> Any:
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass
+class ModelOptions:
+    """How the CLI builds the model that the Python API receives ready-made."""
+
+    base: str = _opt(DEFAULT_BASE, "base model: embedded name, preset, local dir/.gguf, or hub id")
+    dtype: str | None = _opt(None, "base weights dtype (default: float32 on CPU, bfloat16 on GPU)",
+                             choices=("float32", "bfloat16", "float16"))
+    device: str | None = _opt(None, "cpu, cuda, cuda:1 ... (default: cuda if available, per local rank)")
+    n_prompts: int = _opt(10, "adaptation prompts per layer (K)")
+    n_layers: int | None = _opt(None, "adapted top layers (L; default: all but the bottom two)")
+    vision: str | None = _opt(None, "open_clip image tower for multimodal data (e.g. ViT-L-14, local-dir:<dir>); "
+                                    "default: text-only")
+    vision_pretrained: str | None = _opt("openai", "open_clip tag or local weights file of the tower "
+                                                   "(none: random weights, for tests)")
+    vision_scales: int = _opt(4, "depths whose global features feed the projector (M)")
+    projector_hidden: int = _opt(128, "hidden width of the projector MLP")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train an adapter (text-only or multimodal)",
+                       description="Instruction-tune a LLaMA-Adapter over a frozen base. Every option can also "
+                                   "come from --config FILE (flags win).")
+    p.add_argument("--config", default=None, metavar="FILE", help="options from a .yaml/.yml or .json file")
+    add_dataclass_flags(p.add_argument_group("model"), ModelOptions)
+    add_dataclass_flags(p.add_argument_group("training"), TrainConfig)
+    p.set_defaults(func=run)
+
+
+def add_dataclass_flags(group: argparse._ArgumentGroup, cls: type) -> None:
+    """One flag per field: type, default, choices and help come from the dataclass."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind, optional = field_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        help = f.metadata.get("help", "")
+        if "default" not in help:
+            help += f" (default: {f.default})"
+        common = dict(dest=f.name, default=argparse.SUPPRESS, help=help)
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        else:
+            choices = f.metadata.get("choices")
+            group.add_argument(flag, type=_parse(kind, optional),
+                               choices=(*choices, None) if choices and optional else choices, **common)
+
+
+def _parse(kind: type, optional: bool) -> Any:
+    def parse(text: str) -> Any:
+        if optional and text.strip().lower() in ("none", "null"):
+            return None
+        return kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def resolve_options(args: argparse.Namespace) -> tuple[ModelOptions, TrainConfig]:
+    """Defaults < config file < flags, checked field by field."""
+    given = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "verbose")}
+    values = {**(load_config_file(args.config) if args.config else {}), **given}
+    model_keys = {f.name for f in dataclasses.fields(ModelOptions)}
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - model_keys - train_keys)
+    if unknown:
+        raise ValueError(f"unknown option(s) in {args.config}: {', '.join(unknown)}; "
+                         "see `mmadapter train --help` for the names (underscores, not dashes)")
+    options = ModelOptions(**coerce_fields(ModelOptions, {k: v for k, v in values.items() if k in model_keys}))
+    config = TrainConfig.from_dict({k: v for k, v in values.items() if k in train_keys})
+    return options, config
+
+
+def build_training_model(options: ModelOptions, seed: int) -> Any:
+    import torch
+
+    from ..config import AdapterConfig, VisionConfig
+    from ..model import build_model
+
+    device = options.device
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per torchrun process
+    vision = None
+    if options.vision:
+        vision = VisionConfig(model=options.vision, pretrained=options.vision_pretrained,
+                              n_scales=options.vision_scales, projector_hidden=options.projector_hidden)
+    return build_model(options.base, AdapterConfig(n_prompts=options.n_prompts, n_layers=options.n_layers),
+                       vision, dtype=getattr(torch, options.dtype) if options.dtype else None, device=device,
+                       seed=seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import train
+
+    options, config = resolve_options(args)
+    if config.data is None:
+        raise ValueError("no training data: pass --data FILE (or scienceqa:<dir>), or set data in --config")
+    model = build_training_model(options, config.seed)
+    result = train(model, config.data, config, config.eval_data, extra_config=dataclasses.asdict(options))
+    return 130 if result.interrupted else 0

@@ -1,0 +1,66 @@
+"""The process group of a `torchrun` launch, reduced to what training needs.
+
+Gloo on CPU, NCCL on GPU. In a single process every method is a no-op, so the training loop
+has one code path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    comm_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    created_group: bool = False  # we joined the group, so we leave it
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes files and prints."""
+        return self.rank == 0
+
+    def all_reduce(self, tensor: Tensor, op: Any = None) -> Tensor:
+        """Sum (or `op`) over processes, returned on the tensor's device."""
+        if self.world == 1:
+            return tensor
+        moved = tensor.to(self.comm_device)
+        dist.all_reduce(moved, op=op or dist.ReduceOp.SUM)
+        return moved.to(tensor.device)
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when it is True on one (stop requests, failed writes)."""
+        return bool(self.all_reduce(torch.tensor([float(flag)])).item() > 0)
+
+    def broadcast(self, tensor: Tensor) -> None:
+        """Overwrite `tensor` in place with rank 0's values."""
+        if self.world > 1:
+            moved = tensor.to(self.comm_device)
+            dist.broadcast(moved, src=0)
+            tensor.copy_(moved)
+
+    @classmethod
+    def setup(cls, device: torch.device) -> Distributed:
+        """Join the torchrun process group when WORLD_SIZE > 1, or use one the caller initialised."""
+        created = False
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            created = True
+        if not dist.is_initialized():
+            return cls()
+        comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        return cls(dist.get_rank(), dist.get_world_size(), comm, created)
+
+    def close(self) -> None:
+        if self.created_group:
+            dist.destroy_process_group()
+            self.created_group = False
