@@ -2,9 +2,11 @@
 
 from .adapter import Adapter
 from .config import AdapterConfig, LlamaConfig, VisionConfig
+from .adapter_file import load_adapter, save_adapter
 from .model import MMAdapter, build_model, load_base
+from .train import TrainConfig, train
 from .weights import CheckpointError
 
-__all__ = ["Adapter", "AdapterConfig", "CheckpointError", "LlamaConfig", "MMAdapter", "VisionConfig",
-           "build_model", "load_base"]
+__all__ = ["Adapter", "AdapterConfig", "CheckpointError", "LlamaConfig", "MMAdapter", "TrainConfig", "VisionConfig",
+           "build_model", "load_adapter", "load_base", "save_adapter", "train"]
 __version__ = "0.1.0"

@@ -99,6 +99,8 @@ class TrainConfig:
     beta1: float = _opt(0.9, "AdamW beta1")
     beta2: float = _opt(0.95, "AdamW beta2")
     clip_grad: float | None = _opt(None, "clip the gradient norm to this value (default: no clipping)")
+    on_nonfinite: str = _opt("stop", "a NaN/inf loss or gradient: stop (with a checkpoint of the state before "
+                                     "that batch) or skip the batch", choices=("stop", "skip"))
     seed: int = _opt(0, "seed of the adapter initialisation and the batch order")
     precision: str = _opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16",
                           choices=("auto", "fp32", "bf16"))
@@ -193,6 +195,10 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ValueError(f"{path}: a config file holds one mapping of option names to values")
     return values
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training met a NaN/inf loss or gradient; the message names the batch and the checkpoint to resume."""
 
 
 @dataclass
@@ -326,7 +332,10 @@ class Trainer:
         return flat[-1]
 
     def train_step(self, data: PreparedData, group: list[list[int]]) -> tuple[float, float]:
-        """One optimizer step over global micro-batches; returns (mean loss, gradient norm)."""
+        """One optimizer step over global micro-batches; returns (mean loss, gradient norm).
+
+        A non-finite loss or gradient leaves the adapter and the optimizer untouched and returns it.
+        """
         n_labels = sum(data.label_counts[i] for batch in group for i in batch)
         loss_sum = torch.zeros((), device=self.device)
         for batch in group:
@@ -341,9 +350,11 @@ class Trainer:
             norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_grad))
         else:
             norm = math.sqrt(sum(float(p.grad.float().square().sum()) for p in self.params if p.grad is not None))
-        self.optimizer.step()
+        loss = float(loss_sum) / n_labels
+        if math.isfinite(loss) and math.isfinite(norm):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss_sum) / n_labels, norm
+        return loss, norm
 
     # -- schedule ------------------------------------------------------------------------------
 
@@ -527,6 +538,9 @@ class Trainer:
             g["lr"] = lr
         t0 = time.perf_counter()
         loss, grad_norm = self.train_step(data, group)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self._non_finite(data, group, epoch, pos, n_batches, loss, grad_norm)
+            return
         self.step += 1
         seconds = time.perf_counter() - t0
         tokens = sum(len(data.samples[i]) for b in group for i in b)
@@ -540,6 +554,24 @@ class Trainer:
         bar.update(1)
         if c.save_every and self.step % c.save_every == 0:
             self._checkpoint(data, epoch, min(pos + c.grad_accum, n_batches), n_batches)
+
+    def _non_finite(self, data: PreparedData, group: list[list[int]], epoch: int, pos: int, n_batches: int,
+                    loss: float, grad_norm: float) -> None:
+        """Report the batch behind a NaN/inf; skip it, or checkpoint the state before it and stop."""
+        ids = [str(data.samples[i].id) for b in group for i in b]
+        what = f"loss {loss} (gradient norm {grad_norm}) at step {self.step + 1}, epoch {epoch + 1}, " \
+               f"micro-batches {pos}-{pos + len(group) - 1}, samples {', '.join(ids)}"
+        self._log({"type": "nonfinite", "step": self.step, "epoch": epoch, "batch": pos, "loss": str(loss),
+                   "grad_norm": str(grad_norm), "samples": ids, "action": self.config.on_nonfinite})
+        if self.config.on_nonfinite == "skip":
+            self._say(f"skipped a non-finite {what}; the adapter was not updated by it")
+            return
+        if self.saved_step != self.step:
+            self._checkpoint(data, epoch, pos, n_batches)  # the state before this batch: still good
+        raise NonFiniteLossError(
+            f"non-finite {what}. The adapter was not updated by this batch; the checkpoint "
+            f"{self.ckpt_root / checkpoint_name(self.step)} holds the state before it. Check those samples, "
+            "or resume with --resume --on-nonfinite skip (TrainConfig(resume=True, on_nonfinite='skip'))")
 
     def _log_eval(self, data: PreparedData, epoch: int) -> None:
         loss = self.evaluate(data)

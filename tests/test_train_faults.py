@@ -178,3 +178,48 @@ def test_resume_refuses_another_base_or_other_data(setup: dict, tmp_path: Path) 
     with pytest.raises(TrainStateError, match="grad_accum"):
         train(build_model(setup["base"], seed=0), setup["data"],
               TrainConfig(**run_config(tmp_path, epochs=1, resume=True, grad_accum=1)))
+
+
+def poison_loss(monkeypatch: pytest.MonkeyPatch, at_call: int) -> None:
+    """Make the at_call-th MMAdapter.loss call return NaN (as an fp overflow in a bad batch would)."""
+    original, calls = MMAdapter.loss, [0]
+
+    def loss(self, *args, **kwargs):
+        calls[0] += 1
+        value = original(self, *args, **kwargs)
+        return value * float("nan") if calls[0] == at_call else value
+
+    monkeypatch.setattr(MMAdapter, "loss", loss)
+
+
+def test_nan_loss_stops_with_a_good_checkpoint_and_names_the_batch(setup: dict, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmadapter.train import NonFiniteLossError
+
+    poison_loss(monkeypatch, at_call=7)  # step 4: after the checkpoint of step 2
+    config = run_config(tmp_path / "run")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan.*step 4.*samples .*resume") as info:
+        train(build_model(setup["base"], seed=0), setup["data"], TrainConfig(**config))
+    print(f"\nNaN loss reported: {info.value}")
+    latest = find_checkpoint(tmp_path / "run" / "checkpoints")
+    assert latest is not None and latest.name == "step-00000003"  # the state just before the bad batch
+    tensors = read_adapter(latest / "adapter.safetensors")[1]
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    bad = [r for r in read_log(tmp_path / "run" / "train_log.jsonl") if r["type"] == "nonfinite"]
+    assert len(bad) == 1 and bad[0]["samples"]
+
+    monkeypatch.undo()  # resuming skips nothing now: the run ends like the uninterrupted one
+    result = train(build_model(setup["base"], seed=0), setup["data"], TrainConfig(**{**config, "resume": True}))
+    final = read_adapter(result.adapter_path)[1]
+    assert all(torch.equal(final[k], setup["reference"][k]) for k in final)
+
+
+def test_nan_loss_can_skip_the_batch(setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    poison_loss(monkeypatch, at_call=3)
+    result = train(build_model(setup["base"], seed=0), setup["data"],
+                   TrainConfig(**run_config(tmp_path / "run", on_nonfinite="skip")))
+    assert result.steps == setup["steps"] - 1  # one optimizer step skipped, the run completed
+    final = read_adapter(result.adapter_path)[1]
+    assert all(torch.isfinite(t).all() for t in final.values())
+    log = read_log(tmp_path / "run" / "train_log.jsonl")
+    assert [r["action"] for r in log if r["type"] == "nonfinite"] == ["skip"]
