@@ -1,12 +1,21 @@
-"""The Gradio page: a chat with an optional image, sampling controls and an adapter dropdown."""
+"""The Gradio page: a chat with an optional image, sampling controls and an adapter dropdown.
+
+Uploads: Gradio serves an uploaded file to anyone who asks for its path (there is no per-session
+check); the path holds a sha256 of a secret seed and the content, so only the uploader learns it.
+What this page adds is a short life: a file that is not an image is deleted at once, a session's
+uploads are deleted when its conversation is cleared or after UPLOAD_MAX_AGE_S of inactivity, and
+Gradio sweeps any upload older than that.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from mmadapter.adapter_set import NO_ADAPTER
 
@@ -14,6 +23,9 @@ from .service import WARN, ChatService
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 TITLE = "mmadapter — visual question answering with LLaMA-Adapter"
+UPLOAD_MAX_AGE_S = 3600  # uploads live at most this long (Gradio's sweep) or this long after the session's last turn
+UPLOAD_SWEEP_S = 600
+IMAGE_GONE = "(image no longer available)"
 
 
 def chat_history(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -31,6 +43,30 @@ def chat_history(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return pairs
 
 
+def forget_uploads(paths: Iterable[str] | None) -> None:
+    """Delete uploaded files, only ever inside Gradio's upload folder (the paths come from session state)."""
+    folder = Path(get_upload_folder()).resolve()
+    for name in paths or ():
+        path = Path(name).resolve()
+        if path.is_relative_to(folder) and path.is_file():
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # Gradio keeps each upload in a folder of its own
+
+
+def _without_deleted_files(content: Any) -> Any:
+    """A message's content with parts whose file was deleted (cleared elsewhere, expired) replaced by a note."""
+    if not isinstance(content, list):
+        return content
+    return [{"type": "text", "text": IMAGE_GONE} if _is_deleted_file(part) else part for part in content]
+
+
+def _is_deleted_file(part: Any) -> bool:
+    file = part.get("file") if isinstance(part, dict) else None
+    path = file.get("path") if isinstance(file, dict) else None
+    return isinstance(path, str) and not Path(path).is_file()
+
+
 def _message_text(content: Any) -> str | None:
     if isinstance(content, str):
         return content
@@ -43,33 +79,41 @@ def _message_text(content: Any) -> str | None:
 
 def build_demo(service: ChatService) -> gr.Blocks:
     def respond(message: dict[str, Any] | None, messages: list[dict[str, Any]], image_path: str | None,
-                adapter_name: str, temperature: float, top_p: float,
-                max_new_tokens: int) -> Iterator[tuple[list[dict[str, Any]], str | None, Any]]:
+                uploads: list[str], adapter_name: str, temperature: float, top_p: float,
+                max_new_tokens: int) -> Iterator[tuple[list[dict[str, Any]], str | None, Any, list[str]]]:
         message = message or {}
         text = str(message.get("text") or "")
         files = list(message.get("files") or [])
-        messages = [{**m, "content": _message_text(m.get("content")) or m.get("content")} for m in messages or []]
+        messages = [{**m, "content": _message_text(m.get("content")) or _without_deleted_files(m.get("content"))}
+                    for m in messages or []]
         history = chat_history(messages)
+        uploads = list(uploads or [])
         if files:
             image_path = files[-1]  # a new upload replaces the conversation's image
+            uploads += files
             messages.append({"role": "user", "content": {"path": image_path}})
         if text.strip():
             messages.append({"role": "user", "content": text})
         cleared = gr.MultimodalTextbox(value=None)
         for reply in service.answer(text, image_path, history, adapter_name, temperature=temperature,
                                     top_p=top_p, max_new_tokens=int(max_new_tokens)):
-            if reply.image_rejected:
+            if reply.image_rejected:  # not an image: delete it now and do not show it
+                forget_uploads([image_path])
+                messages = [m for m in messages if m.get("content") != {"path": image_path}]
+                uploads = [u for u in uploads if u != image_path]
                 image_path = None
-            yield messages + [{"role": "assistant", "content": reply.render()}], image_path, cleared
+            yield messages + [{"role": "assistant", "content": reply.render()}], image_path, cleared, uploads
 
-    def clear() -> tuple[list, None, Any]:
-        return [], None, gr.MultimodalTextbox(value=None)
+    def clear(uploads: list[str]) -> tuple[list, None, Any, list]:
+        forget_uploads(uploads)
+        return [], None, gr.MultimodalTextbox(value=None), []
 
-    with gr.Blocks(title=TITLE) as demo:
+    with gr.Blocks(title=TITLE, delete_cache=(UPLOAD_SWEEP_S, UPLOAD_MAX_AGE_S)) as demo:
         gr.Markdown(f"## {TITLE}\nUpload an image (optional) and ask about it. Follow-up questions keep the "
                     "conversation and its image; a new upload replaces the image.")
         status = gr.Markdown(service.status_markdown())
         image_state = gr.State(None)  # server-side path of this session's uploaded image
+        uploads = gr.State([], time_to_live=UPLOAD_MAX_AGE_S, delete_callback=forget_uploads)  # this session's files
         with gr.Row():
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Chat", height=460)
@@ -89,8 +133,8 @@ def build_demo(service: ChatService) -> gr.Blocks:
                       [{"text": "What color is this shape?", "files": [str(EXAMPLES_DIR / "red_circle.png")]}],
                       [{"text": "Describe this image.", "files": [str(EXAMPLES_DIR / "blue_rectangle.png")]}]],
             inputs=[box], label="Examples")
-        inputs = [box, chatbot, image_state, adapter, temperature, top_p, max_new_tokens]
-        box.submit(respond, inputs, [chatbot, image_state, box], api_name="chat")
-        clear_btn.click(clear, None, [chatbot, image_state, box], api_name="clear")
+        inputs = [box, chatbot, image_state, uploads, adapter, temperature, top_p, max_new_tokens]
+        box.submit(respond, inputs, [chatbot, image_state, box, uploads], api_name="chat")
+        clear_btn.click(clear, uploads, [chatbot, image_state, box, uploads], api_name="clear")
         demo.load(service.status_markdown, None, status, api_name=False)
     return demo

@@ -63,6 +63,8 @@ class AdapterMeta:
     def from_json(cls, text: str, source: str) -> AdapterMeta:
         try:
             d = json.loads(text)
+            if not isinstance(d, dict):
+                raise AdapterFileError(f"{source}: adapter metadata should be a JSON object, found {type(d).__name__}")
             if d.get("format") != FORMAT:
                 raise AdapterFileError(f"{source}: not an mmadapter adapter (format {d.get('format')!r})")
             if int(d["version"]) > VERSION:
@@ -76,7 +78,7 @@ class AdapterMeta:
                        training=d.get("training") or {}, version=int(d["version"]))
         except AdapterFileError:
             raise
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, ArithmeticError, RecursionError) as e:
             raise AdapterFileError(f"{source}: malformed adapter metadata ({type(e).__name__}: {e})") from e
 
 
@@ -146,12 +148,24 @@ def load_adapter(model: MMAdapter, path: str | os.PathLike, *, activate: bool = 
 
 
 def build_adapter(meta: AdapterMeta, tensors: dict[str, torch.Tensor], source: str) -> Adapter:
-    """An Adapter from a file's metadata and tensors (on CPU), checking every name and shape."""
-    adapter = Adapter(meta.adapter, meta.base_config, meta.vision, meta.feature_dim)
-    expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
+    """An Adapter from a file's metadata and tensors (on CPU), checking every name, shape and value.
+
+    The expected shapes come from a meta-device build, so metadata claiming a huge adapter allocates nothing.
+    """
+    try:
+        with torch.device("meta"):
+            shell = Adapter(meta.adapter, meta.base_config, meta.vision, meta.feature_dim)
+    except (ValueError, TypeError, RuntimeError, ArithmeticError) as e:  # e.g. a negative or non-integer size
+        raise AdapterFileError(f"{source}: the adapter metadata describes no valid adapter ({e})") from e
+    expected = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if expected != got:
         raise AdapterFileError(f"{source}: tensors {got} do not match the adapter config, which expects {expected}")
+    bad = [k for k, v in tensors.items() if not v.is_floating_point() or not bool(torch.isfinite(v).all())]
+    if bad:
+        raise AdapterFileError(f"{source}: tensors {', '.join(bad)} are not finite floating-point values (NaN, "
+                               "infinity or integers); the training diverged or the file is corrupt")
+    adapter = Adapter(meta.adapter, meta.base_config, meta.vision, meta.feature_dim)
     adapter.load_state_dict(tensors, strict=True)
     adapter.template = meta.template
     return adapter

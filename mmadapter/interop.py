@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import re
-import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +39,7 @@ from .adapter import Adapter
 from .adapter_file import METADATA_KEY, AdapterFileError, AdapterMeta, build_adapter, load_adapter, read_adapter
 from .atomic import atomic_save, atomic_write_text
 from .config import AdapterConfig, LlamaConfig
+from .safe_io import load_torch_weights
 
 if TYPE_CHECKING:
     from .model import MMAdapter
@@ -144,7 +144,7 @@ def read_v1(path: str | os.PathLike) -> dict[str, Tensor]:
     if not path.is_file():
         raise InteropError(f"{path}: no such file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        state = load_torch_weights(path)
     except Exception as e:  # UnpicklingError for non-tensor objects, RuntimeError/EOFError for corrupt files
         raise InteropError(f"{path}: cannot read it as a weights-only PyTorch file ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); it is corrupt or holds more than "
@@ -153,6 +153,9 @@ def read_v1(path: str | os.PathLike) -> dict[str, Tensor]:
         state = state["model"]  # a training checkpoint ({"model": ..., "optimizer": ...})
     if not isinstance(state, dict) or V1_QUERY_KEY not in state:
         raise InteropError(f"{path}: no '{V1_QUERY_KEY}' tensor, so not a LLaMA-Adapter V1 adapter")
+    used = [k for k in state if k == V1_QUERY_KEY or (isinstance(k, str) and _V1_GATE.fullmatch(k))]
+    if not all(isinstance(state[k], Tensor) and state[k].is_floating_point() for k in used):
+        raise InteropError(f"{path}: '{V1_QUERY_KEY}' and the gates must be floating-point tensors")
     return state
 
 
@@ -254,9 +257,11 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor
     config: dict[str, Any] = {}
     if (folder / PEFT_CONFIG).exists():
         try:
-            config = json.loads((folder / PEFT_CONFIG).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise InteropError(f"{folder / PEFT_CONFIG}: cannot read JSON ({e})") from e
+            config = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
+            raise InteropError(f"{folder / PEFT_CONFIG}: cannot read JSON ({type(e).__name__}: {e})") from e
+        if not isinstance(config, dict):
+            raise InteropError(f"{folder / PEFT_CONFIG}: expected a JSON object, found a {type(config).__name__}")
         if config.get("peft_type") != PEFT_TYPE:
             raise InteropError(f"{folder}: a PEFT adapter of type {config.get('peft_type')!r}; only "
                                f"{PEFT_TYPE} (LLaMA-Adapter) adapters can be converted")
@@ -266,10 +271,13 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor
 
             tensors = load_file(weights)
         else:
-            tensors = torch.load(weights, map_location="cpu", weights_only=True)
+            tensors = load_torch_weights(weights)
     except Exception as e:
         raise InteropError(f"{weights}: cannot read the adapter weights ({type(e).__name__}: {e}); the file is "
                            "truncated or corrupt") from e
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) and v.is_floating_point()
+                                                for k, v in tensors.items()):
+        raise InteropError(f"{weights}: expected a dict of floating-point tensors; this is not a PEFT adapter")
     return config, tensors
 
 

@@ -49,6 +49,9 @@ GGUF_SPLIT_REGEXES = {**dict.fromkeys(GGUF_LLAMA3_PRE, _LLAMA3_SPLIT), "qwen2": 
 GGUF_DIGIT_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone")
 GGUF_GPT2_PRE = ("default", "gpt2", "gpt-2")
 
+# Lone UTF-16 surrogates ("\ud800") can live in a Python str but cannot be encoded as UTF-8.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 class TokenizerError(ValueError):
     """A tokenizer file is missing, corrupt or unsupported, or a chat template cannot be rendered."""
@@ -107,7 +110,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
-        ids = self._backend.encode(text)
+        ids = self._backend.encode(_without_lone_surrogates(text))
         if bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
         if eos and self.eos_ids:
@@ -211,28 +214,37 @@ class Tokenizer:
     def from_gguf(cls, reader: gguf.GGUFReader) -> Tokenizer:
         """The vocabulary stored in a GGUF file's metadata (llama.cpp's `tokenizer.*` keys)."""
         source = str(getattr(reader.data, "filename", None) or "GGUF file")
-        meta = {name: _gguf_value(field) for name, field in reader.fields.items() if name.startswith("tokenizer.")}
+        try:
+            meta = {name: _gguf_value(field) for name, field in reader.fields.items() if name.startswith("tokenizer.")}
+        except (ValueError, IndexError) as err:  # e.g. a string that is not UTF-8
+            raise TokenizerError(f"{source}: unreadable tokenizer metadata ({type(err).__name__}: {err})") from err
+        _check_gguf_tokenizer_types(meta, source)
         kind = meta.get("tokenizer.ggml.model")
         tokens = meta.get("tokenizer.ggml.tokens")
         if kind is None or tokens is None:
             raise TokenizerError(f"{source} has no tokenizer metadata (tokenizer.ggml.model / .tokens)")
         types = meta.get("tokenizer.ggml.token_type") or [GGUF_NORMAL] * len(tokens)
         pre = meta.get("tokenizer.ggml.pre")
-        if kind == "gpt2":
-            merges = meta.get("tokenizer.ggml.merges")
-            backend = _HFBackend(_build_gguf_byte_level(tokens, merges, types, pre, source))
-        elif kind == "llama":
-            scores = meta.get("tokenizer.ggml.scores")
-            if scores is None:
-                raise TokenizerError(f"{source}: a 'llama' (SentencePiece) vocabulary needs tokenizer.ggml.scores")
-            prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
-            unk_id = meta.get("tokenizer.ggml.unknown_token_id")
-            backend = _HFBackend(_build_gguf_sentencepiece(tokens, scores, types, prefix, unk_id))
-        else:
+        if kind not in ("gpt2", "llama"):
             raise TokenizerError(
                 f"{source}: GGUF tokenizer type {kind!r} is not supported (supported: 'gpt2', 'llama'); "
                 "use the model's tokenizer.json with Tokenizer.from_file instead"
             )
+        if kind == "llama" and meta.get("tokenizer.ggml.scores") is None:
+            raise TokenizerError(f"{source}: a 'llama' (SentencePiece) vocabulary needs tokenizer.ggml.scores")
+        try:
+            if kind == "gpt2":
+                merges = meta.get("tokenizer.ggml.merges")
+                backend = _HFBackend(_build_gguf_byte_level(tokens, merges, types, pre, source))
+            else:
+                prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+                unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+                scores = meta["tokenizer.ggml.scores"]
+                backend = _HFBackend(_build_gguf_sentencepiece(tokens, scores, types, prefix, unk_id))
+        except TokenizerError:
+            raise
+        except Exception as err:  # tokenizers raises a bare Exception, e.g. for a merge of unknown tokens
+            raise TokenizerError(f"{source}: the GGUF vocabulary is inconsistent ({err})") from err
 
         def token(key: str) -> str | None:
             index = meta.get(f"tokenizer.ggml.{key}")
@@ -365,10 +377,17 @@ def _load_sentencepiece(path: Path) -> sentencepiece.SentencePieceProcessor:
     return processor
 
 
+def _without_lone_surrogates(text: str) -> str:
+    """`text` with surrogate pairs joined and lone surrogates replaced by U+FFFD (what UTF-8 decoders do)."""
+    if not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: bad JSON or UTF-8, a 5000-digit number
         raise TokenizerError(f"{path} is corrupt ({err}); fix or delete it, or re-download the model") from err
     if not isinstance(data, dict):
         raise TokenizerError(f"{path} should hold a JSON object; fix or delete it")
@@ -396,11 +415,15 @@ def _read_hf_metadata(folder: Path) -> dict[str, Any]:
             meta["add_bos_token"] = config["add_bos_token"]
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+            named = (t for t in template if isinstance(t, dict) and t.get("name") == "default")
+            template = next((t.get("template") for t in named), None)
         if isinstance(template, str):
             meta["chat_template"] = template
     if (folder / "chat_template.jinja").is_file():
-        meta["chat_template"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        try:
+            meta["chat_template"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise TokenizerError(f"{folder / 'chat_template.jinja'} is unreadable ({err}); fix or delete it") from err
     if (folder / "generation_config.json").is_file():
         eos = _read_json(folder / "generation_config.json").get("eos_token_id")
         ids = eos if isinstance(eos, list) else [eos]
@@ -411,7 +434,10 @@ def _read_hf_metadata(folder: Path) -> dict[str, Any]:
 def _open_gguf(path: Path) -> gguf.GGUFReader:
     import gguf
 
+    from .safe_io import check_gguf_header
+
     try:
+        check_gguf_header(path)  # counts and lengths checked against the file before GGUFReader trusts them
         return gguf.GGUFReader(path)
     except Exception as err:  # the reader raises ValueError, KeyError, struct errors, ...
         raise TokenizerError(f"{path} is not a readable GGUF file ({err}); re-download or re-convert it") from err
@@ -427,6 +453,40 @@ def _gguf_value(field: Any) -> Any:
     parts = [field.parts[i] for i in field.data]
     values = [bytes(part).decode("utf-8") if is_string else part.tolist()[0] for part in parts]
     return values if field.types[0] == GGUFValueType.ARRAY else values[0]
+
+
+# The types of the tokenizer.* metadata we read: (Python types accepted, is a list of them).
+_GGUF_TOKENIZER_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
+    "tokenizer.ggml.model": ((str,), False),
+    "tokenizer.ggml.pre": ((str,), False),
+    "tokenizer.ggml.tokens": ((str,), True),
+    "tokenizer.ggml.merges": ((str,), True),
+    "tokenizer.ggml.scores": ((int, float), True),
+    "tokenizer.ggml.token_type": ((int,), True),
+    "tokenizer.ggml.add_bos_token": ((bool,), False),
+    "tokenizer.ggml.add_space_prefix": ((bool,), False),
+    "tokenizer.chat_template": ((str,), False),
+    **{f"tokenizer.ggml.{name}": ((int,), False) for name in (
+        "bos_token_id", "eos_token_id", "eot_token_id", "padding_token_id", "unknown_token_id")},
+}
+
+
+def _check_gguf_tokenizer_types(meta: dict[str, Any], source: str) -> None:
+    """Refuse tokenizer metadata of the wrong type (a number where the tokens belong, ...) by name."""
+    for key, (types, is_list) in _GGUF_TOKENIZER_TYPES.items():
+        value = meta.get(key)
+        if value is None:
+            continue
+        items = value if is_list and isinstance(value, list) else [value]
+        wanted = " or ".join(t.__name__ for t in types)
+        if (is_list and not isinstance(value, list)) or not all(
+            isinstance(v, types) and (bool in types or not isinstance(v, bool)) for v in items
+        ):
+            raise TokenizerError(f"{source}: {key} should be {'a list of ' if is_list else 'of type '}{wanted}")
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        if meta.get(key) is not None and len(meta[key]) != len(tokens):
+            raise TokenizerError(f"{source}: {key} has {len(meta[key])} entries for {len(tokens)} tokens")
 
 
 def _added_tokens(tokens: Sequence[str], types: Sequence[int]) -> list[Any]:

@@ -20,6 +20,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from .config import LLAMA_PRESETS, LlamaConfig, RopeScaling
 from .llama import Llama, rope_inv_freq
+from .safe_io import check_gguf_header, load_torch_weights
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -129,13 +131,32 @@ def _download(repo_id: str) -> Path:
 def build_llama(config: LlamaConfig, state: dict[str, Tensor], dtype: torch.dtype, device: torch.device,
                 source: str) -> Llama:
     """Assign a complete state dict to a meta-initialised Llama, checking names and shapes first."""
+    check_shapes(config, {k: tuple(v.shape) for k, v in state.items()}, source)
+    with torch.device("meta"):
+        model = Llama(config)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return _frozen(model)
+
+
+def check_shapes(config: LlamaConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Raise a CheckpointError unless `shapes` (name -> shape) are exactly the tensors `config` needs.
+
+    The layer count is compared first, so a config claiming a billion layers fails at once instead
+    of building them (on the meta device, but one module each).
+    """
+    layers = {k.split(".")[1] for k in shapes if k.startswith("layers.")}
+    if len(layers) != config.n_layers:
+        raise CheckpointError(f"{source}: the configuration has {config.n_layers} layers but the checkpoint holds "
+                              f"tensors for {len(layers)}; the checkpoint may be truncated, or its config file "
+                              "may describe a different model")
     with torch.device("meta"):
         model = Llama(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)}, config expects {expected[k]}"
-             for k in sorted(set(expected) & set(state)) if tuple(state[k].shape) != expected[k]]
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [f"{k}: checkpoint {shapes[k]}, config expects {expected[k]}"
+             for k in sorted(set(expected) & set(shapes)) if shapes[k] != expected[k]]
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -147,9 +168,30 @@ def build_llama(config: LlamaConfig, state: dict[str, Tensor], dtype: torch.dtyp
         raise CheckpointError(f"{source}: the weights do not match the configuration: {'; '.join(parts)}. "
                               "The checkpoint may be truncated, of another architecture, or its config file "
                               "may describe a different model.")
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return _frozen(model)
+
+
+# Config fields that size tensors or index tokens: positive integers (JSON and GGUF give anything).
+_POSITIVE_INT_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")
+
+
+def checked_config(source: str, **fields: object) -> LlamaConfig:
+    """LlamaConfig from checkpoint metadata, refusing values of the wrong type or range with a CheckpointError."""
+    for key in _POSITIVE_INT_FIELDS:
+        value = fields[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{source}: {key} must be a positive integer, got {value!r}")
+    for key in ("norm_eps", "rope_theta"):
+        value = fields[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise CheckpointError(f"{source}: {key} must be a positive number, got {value!r}")
+    ids = [fields["bos_id"], *fields["eos_ids"]]  # type: ignore[misc]
+    if any(i is not None and (isinstance(i, bool) or not isinstance(i, int)) for i in ids):
+        raise CheckpointError(f"{source}: token ids must be integers, got bos {fields['bos_id']!r}, "
+                              f"eos {fields['eos_ids']!r}")
+    try:
+        return LlamaConfig(**fields)  # type: ignore[arg-type]
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{source}: {e}") from e
 
 
 def _frozen(model: Llama) -> Llama:
@@ -207,6 +249,8 @@ _HF_LAYER_KEYS = {
 
 def hf_config(cfg: dict, source: str) -> LlamaConfig:
     """LlamaConfig from a transformers config.json (4.x `rope_scaling` or 5.x `rope_parameters`)."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, found a {type(cfg).__name__}")
     if cfg.get("model_type") not in ("llama", None):
         raise CheckpointError(f"{source}: model_type {cfg.get('model_type')!r} is not supported; "
                               "mmadapter loads LLaMA-architecture models (model_type 'llama')")
@@ -214,9 +258,9 @@ def hf_config(cfg: dict, source: str) -> LlamaConfig:
         raise CheckpointError(f"{source}: attention/MLP biases are not supported by the LLaMA architecture here")
     try:
         dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim") or dim // n_heads
-        if head_dim * n_heads != dim:
-            raise CheckpointError(f"{source}: head_dim {head_dim} x {n_heads} heads != hidden_size {dim}, unsupported")
+        if cfg.get("head_dim") and cfg["head_dim"] * n_heads != dim:
+            raise CheckpointError(f"{source}: head_dim {cfg['head_dim']} x {n_heads} heads != hidden_size {dim}, "
+                                  "unsupported")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         scaling = None
@@ -228,16 +272,20 @@ def hf_config(cfg: dict, source: str) -> LlamaConfig:
         elif rope_type not in ("default", None):
             raise CheckpointError(f"{source}: RoPE type {rope_type!r} is not supported (default and llama3 are)")
         eos = cfg.get("eos_token_id", 2)
-        return LlamaConfig(
-            name=cfg.get("_name_or_path") or "hf", vocab_size=cfg["vocab_size"], dim=dim,
+        return checked_config(
+            source, name=str(cfg.get("_name_or_path") or "hf"), vocab_size=cfg["vocab_size"], dim=dim,
             n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
             n_kv_heads=cfg.get("num_key_value_heads") or n_heads, ffn_dim=cfg["intermediate_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
             max_seq_len=cfg.get("max_position_embeddings", 2048),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), bos_id=cfg.get("bos_token_id"),
             eos_ids=tuple(eos) if isinstance(eos, list) else (eos,) if eos is not None else ())
+    except CheckpointError:
+        raise
     except KeyError as e:
         raise CheckpointError(f"{source}: config.json lacks the field {e}") from e
+    except (TypeError, AttributeError, ValueError, ArithmeticError) as e:  # a string or a list where a number belongs
+        raise CheckpointError(f"{source}: malformed config.json ({type(e).__name__}: {e})") from e
 
 
 def read_hf_dir(path: Path) -> tuple[LlamaConfig, dict[str, Tensor], Tokenizer | None]:
@@ -246,9 +294,14 @@ def read_hf_dir(path: Path) -> tuple[LlamaConfig, dict[str, Tensor], Tokenizer |
     config = hf_config(_read_json(path / "config.json"), str(path / "config.json"))
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(_read_json(index).get("weight_map", {}).values()))
-        if not files:
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: no weight_map")
+        files = sorted(set(weight_map.values()), key=str)
+        bad = [f for f in files if not isinstance(f, str) or Path(f).name != f or f in ("", ".", "..")]
+        if bad:
+            raise CheckpointError(f"{index}: weight_map names {bad[0]!r}, which is not a file name inside {path}; "
+                                  "the index is corrupt or hostile")
     elif (path / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
@@ -285,9 +338,12 @@ def _has_tokenizer(path: Path) -> bool:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({e})") from e
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8, a 5000-digit number
+        raise CheckpointError(f"{path}: cannot read JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found a {type(data).__name__}")
+    return data
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,28 +369,44 @@ def read_meta_dir(path: Path) -> tuple[LlamaConfig, dict[str, Tensor], Tokenizer
     parts = []
     for shard in shards:
         try:
-            parts.append(torch.load(shard, map_location="cpu", weights_only=True, mmap=True))
+            part = load_torch_weights(shard)
         except Exception as e:
             raise CheckpointError(f"{shard}: cannot read the checkpoint ({type(e).__name__}: {e}); "
                                   "it is truncated, corrupt or not a weights-only PyTorch file") from e
-    state = _merge_meta_shards(parts)
+        if not isinstance(part, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in part.items()):
+            raise CheckpointError(f"{shard}: expected a dict of tensors, found a {type(part).__name__} "
+                                  "holding other objects; this is not a Meta LLaMA checkpoint")
+        parts.append(part)
+    if any(part.keys() != parts[0].keys() for part in parts):
+        raise CheckpointError(f"{path}: the shards {', '.join(s.name for s in shards)} hold different tensor names; "
+                              "a shard is from another model or incomplete")
+    try:
+        state = _merge_meta_shards(parts)
+    except RuntimeError as e:  # shards whose pieces do not fit together
+        raise CheckpointError(f"{path}: cannot merge the shards {', '.join(s.name for s in shards)} ({e})") from e
     tokenizer = Tokenizer.from_file(path / "tokenizer.model") if (path / "tokenizer.model").exists() else None
     try:
         dim, n_heads = params["dim"], params["n_heads"]
         vocab = params.get("vocab_size", -1)
-        if vocab is None or vocab < 0:
+        if vocab is None or vocab == -1:
             vocab = state["tok_embeddings.weight"].shape[0]
         scaling = RopeScaling() if params.get("use_scaled_rope") else None
-        config = LlamaConfig(
-            name=path.name, vocab_size=vocab, dim=dim, n_layers=params["n_layers"], n_heads=n_heads,
+        config = checked_config(
+            str(path / "params.json"), name=path.name, vocab_size=vocab, dim=dim, n_layers=params["n_layers"],
+            n_heads=n_heads,
             n_kv_heads=params.get("n_kv_heads") or n_heads,
             ffn_dim=meta_ffn_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
             norm_eps=params.get("norm_eps", 1e-6), rope_theta=params.get("rope_theta", 10000.0),
             rope_scaling=scaling, max_seq_len=params.get("max_seq_len", 2048),
             tie_embeddings="output.weight" not in state,
             bos_id=tokenizer.bos_id if tokenizer else 1, eos_ids=tokenizer.eos_ids if tokenizer else (2,))
+    except CheckpointError:
+        raise
     except KeyError as e:
         raise CheckpointError(f"{path / 'params.json'}: missing field {e}") from e
+    except (TypeError, ValueError, ArithmeticError) as e:  # a field of the wrong type or range
+        raise CheckpointError(f"{path / 'params.json'}: malformed ({type(e).__name__}: {e})") from e
+    check_shapes(config, {k: tuple(v.shape) for k, v in state.items()}, str(path))
     for i in range(config.n_layers):
         for name, heads in (("wq", config.n_heads), ("wk", config.n_kv_heads)):
             key = f"layers.{i}.attention.{name}.weight"
@@ -372,56 +444,73 @@ _GGUF_LAYER_KEYS = {
 
 def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, Tensor], Tokenizer]:
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
     try:
+        check_gguf_header(path)  # counts and extents checked against the file before GGUFReader trusts them
         reader = GGUFReader(path)
+        meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     except Exception as e:
         raise CheckpointError(f"{path}: cannot parse GGUF ({type(e).__name__}: {e}); the file is truncated or "
                               "not a GGUF model, download it again") from e
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
     tokenizer = Tokenizer.from_gguf(reader)
-    state: dict[str, Tensor] = {}
+    tensors = {}  # our name -> the GGUF tensor, decoded only once every name and shape is checked
     rope_freqs = None
     for t in reader.tensors:
-        try:
-            array = dequantize(t.data, t.tensor_type)
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot decode tensor {t.name} of type {t.tensor_type.name} ({e})") from e
-        array = np.ascontiguousarray(array.reshape(tuple(reversed([int(d) for d in t.shape]))), dtype=np.float32)
-        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())  # F32 data is a read-only memmap
         m = re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)
         if m and m.group(2) in _GGUF_LAYER_KEYS:
-            state[f"layers.{m.group(1)}.{_GGUF_LAYER_KEYS[m.group(2)]}"] = tensor
+            tensors[f"layers.{m.group(1)}.{_GGUF_LAYER_KEYS[m.group(2)]}"] = t
         elif t.name in _GGUF_KEYS:
-            state[_GGUF_KEYS[t.name]] = tensor
+            tensors[_GGUF_KEYS[t.name]] = t
         elif t.name == "rope_freqs.weight":
-            rope_freqs = tensor
+            rope_freqs = _gguf_tensor(t, path)
         else:
-            state[t.name] = tensor  # reported as unexpected by build_llama
+            tensors[t.name] = t  # reported as unexpected by check_shapes
     try:
         n_heads = int(meta["llama.attention.head_count"])
         n_kv = int(meta.get("llama.attention.head_count_kv", n_heads))
-        config = LlamaConfig(
-            name=str(meta.get("general.name", path.stem)), vocab_size=int(meta.get("llama.vocab_size", tokenizer.vocab_size)),
+        theta = float(meta.get("llama.rope.freq_base", 10000.0))
+        config = checked_config(
+            str(path), name=str(meta.get("general.name", path.stem)),
+            vocab_size=int(meta.get("llama.vocab_size", tokenizer.vocab_size)),
             dim=int(meta["llama.embedding_length"]), n_layers=int(meta["llama.block_count"]), n_heads=n_heads,
             n_kv_heads=n_kv, ffn_dim=int(meta["llama.feed_forward_length"]),
-            norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-            rope_scaling=_gguf_rope_scaling(rope_freqs, float(meta.get("llama.rope.freq_base", 10000.0)), path),
-            max_seq_len=int(meta.get("llama.context_length", 2048)), tie_embeddings="output.weight" not in state,
+            norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=theta,
+            rope_scaling=_gguf_rope_scaling(rope_freqs, theta, path),
+            max_seq_len=int(meta.get("llama.context_length", 2048)), tie_embeddings="output.weight" not in tensors,
             bos_id=tokenizer.bos_id, eos_ids=tokenizer.eos_ids)
+    except CheckpointError:
+        raise
     except KeyError as e:
         raise CheckpointError(f"{path}: GGUF metadata lacks {e}") from e
+    except (TypeError, ValueError, ArithmeticError) as e:  # a string or a list where a number belongs
+        raise CheckpointError(f"{path}: malformed GGUF metadata ({type(e).__name__}: {e})") from e
+    check_shapes(config, {k: _gguf_shape(t) for k, t in tensors.items()}, str(path))
+    state = {k: _gguf_tensor(t, path) for k, t in tensors.items()}
     for i in range(config.n_layers):
         for name, heads in (("wq", config.n_heads), ("wk", config.n_kv_heads)):
             key = f"layers.{i}.attention.{name}.weight"
             if key in state:
                 state[key] = interleaved_to_half(state[key], heads)
     return config, state, tokenizer
+
+
+def _gguf_shape(t: Any) -> tuple[int, ...]:
+    """A GGUF tensor's shape in PyTorch order (GGUF lists the fastest-varying dimension first)."""
+    return tuple(reversed([int(d) for d in t.shape]))
+
+
+def _gguf_tensor(t: Any, path: Path) -> Tensor:
+    """One GGUF tensor dequantised to float32."""
+    from gguf.quants import dequantize
+
+    try:
+        array = np.ascontiguousarray(dequantize(t.data, t.tensor_type).reshape(_gguf_shape(t)), dtype=np.float32)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot decode tensor {t.name} of type {t.tensor_type.name} ({e})") from e
+    return torch.from_numpy(array if array.flags.writeable else array.copy())  # F32 data is a read-only memmap
 
 
 def _gguf_rope_scaling(rope_freqs: Tensor | None, theta: float, path: Path) -> RopeScaling | None:

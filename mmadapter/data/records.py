@@ -82,7 +82,7 @@ def read_json(path: str | os.PathLike[str], image_root: str | os.PathLike[str] |
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is dropped
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e})") from e
     records, bad_lines = _parse_json_or_jsonl(text, path)
@@ -172,8 +172,12 @@ def _resolve_image(image: Any, image_root: Path) -> str | None:
         image = image["path"]
     if not isinstance(image, (str, os.PathLike)):
         raise _Skip("image is not a file path")
-    path = (image_root / image).resolve()
-    if not path.is_file():
+    try:
+        path = (image_root / image).resolve()
+        found = path.is_file()
+    except (OSError, ValueError) as e:  # a NUL byte, a name too long for the file system
+        raise _Skip("bad image path") from e
+    if not found:
         raise _Skip("missing image")
     return str(path)
 
@@ -183,7 +187,9 @@ def _parse_json_or_jsonl(text: str, path: Path) -> tuple[list[Any], int]:
     if path.suffix != ".jsonl":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
+        except RecursionError as e:
+            raise DataError(f"{path}: not valid JSON (nested too deeply)") from e
+        except ValueError as e:  # JSONDecodeError, or a number too long to convert
             if not text.lstrip().startswith("{"):
                 raise DataError(f"{path}: not valid JSON ({e})") from e
             data = None  # maybe JSON Lines saved as .json
@@ -198,7 +204,7 @@ def _parse_json_or_jsonl(text: str, path: Path) -> tuple[list[Any], int]:
             continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, nested too deeply, a number too long to convert
             bad_lines += 1
     if bad_lines and not records:
         raise DataError(f"{path}: no line is valid JSON; expected JSON Lines (one record per line)")

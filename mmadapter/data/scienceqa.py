@@ -176,17 +176,15 @@ def load_image(problem: Problem) -> Any:
     """The problem's image as an RGB PIL image, or None when it has none."""
     from PIL import Image
 
-    image = problem.image
-    if image is None:
+    from ..images import load_image as load_any_image  # format allowlist, size cap before decoding
+
+    if problem.image is None:
         return None
+    if isinstance(problem.image, Image.Image):
+        return problem.image.convert("RGB")
     try:
-        if isinstance(image, (bytes, bytearray)):
-            import io
-            image = Image.open(io.BytesIO(image))
-        elif isinstance(image, (str, os.PathLike)):
-            image = Image.open(image)
-        return image.convert("RGB")
-    except (OSError, ValueError) as err:
+        return load_any_image(problem.image)
+    except ValueError as err:  # ImageError: not an image, truncated, a decompression bomb
         raise ScienceQAError(f"cannot read the image of problem {problem.pid}: {err}") from err
 
 
@@ -198,6 +196,9 @@ def _load_original(root: Path, split: str, limit: int | None, stats: LoadStats) 
     name = split if split in splits else {"validation": "val"}.get(split, split)
     if name not in splits:
         raise ScienceQAError(f"split {split!r} not in {root / 'pid_splits.json'}; available: {', '.join(splits)}")
+    if not isinstance(splits[name], list):
+        raise ScienceQAError(f"{root / 'pid_splits.json'}: split {name!r} should be a list of pids, "
+                             f"found a {type(splits[name]).__name__}")
     pids = [str(pid) for pid in splits[name]][:limit]
     problems = []
     for pid in pids:
@@ -206,14 +207,18 @@ def _load_original(root: Path, split: str, limit: int | None, stats: LoadStats) 
         if not isinstance(record, dict):
             stats.skipped[pid] = "not in problems.json"
             continue
-        record_split = record.get("split") or name
+        record_split = record.get("split")
+        if not isinstance(record_split, str) or not record_split:
+            record_split = name
         problem = _make_problem(pid, record, record_split, stats)
         if problem is None:
             continue
         image_name = record.get("image")
         if image_name:
-            candidates = [root / "images" / record_split / pid / image_name, root / record_split / pid / image_name]
-            found = next((p for p in candidates if p.is_file()), None)
+            found = None
+            if all(map(_is_plain_name, (record_split, pid, image_name))):  # never a path out of root
+                candidates = [root / "images" / record_split / pid / image_name, root / record_split / pid / image_name]
+                found = next((p for p in candidates if p.is_file()), None)
             _attach_image(problem, str(found) if found else None, stats)
         problems.append(problem)
     return problems
@@ -365,14 +370,21 @@ def _looks_like_hub_id(text: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) is not None and not text.startswith(".")
 
 
+def _is_plain_name(name: Any) -> bool:
+    """One file or folder name, without separators, NUL or "..": names in problems.json are untrusted."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
         raise ScienceQAError(f"{path} not found: the original ScienceQA layout needs problems.json "
                              "and pid_splits.json side by side") from err
-    except json.JSONDecodeError as err:
-        raise ScienceQAError(f"{path} is not valid JSON: {err}") from err
+    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, nested too deeply, a 5000-digit number
+        raise ScienceQAError(f"{path} is not valid JSON ({type(err).__name__}: {err})") from err
+    except OSError as err:
+        raise ScienceQAError(f"{path} cannot be read ({err})") from err
 
 
 # ----------------------------------------------------------------------------------------------
