@@ -89,18 +89,22 @@ class AdapterKV:
         return k, v, self.gates[j]
 
 
-class KVCache(nn.Module):
-    """Static per-layer cache [B, n_kv_heads, max_len, head_dim], sized per request."""
+class KVCache:
+    """One layer's static cache [B, n_kv_heads, max_len, head_dim]: views into one tensor per request.
 
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | None = None) -> None:
-        super().__init__()
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+    A plain object, not a module, so a compiled decode step can take the cache tensors as inputs and
+    serve every request of the same shape with one graph.
+    """
+
+    def __init__(self, k: Tensor, v: Tensor) -> None:
+        self.k, self.v = k, v
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, end: int) -> tuple[Tensor, Tensor]:
-        """Write k/v [B, G, T, d] at slots input_pos [T]; return the filled prefix [B, G, end, d]."""
+        """Write k/v [B, G, T, d] at slots input_pos [T]; return the slots [0, end) [B, G, end, d]."""
         self.k.index_copy_(2, input_pos, k)
         self.v.index_copy_(2, input_pos, v)
         return self.k[:, :, :end], self.v[:, :, :end]
@@ -209,28 +213,41 @@ class Llama(nn.Module):
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(h, weight)
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list[KVCache]:
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> Tensor:
+        """Zeroed cache storage [2, n_layers, B, n_kv_heads, max_len, head_dim]; see `layer_caches`."""
         c, w = self.config, self.tok_embeddings.weight
-        return [KVCache(batch, c.n_kv_heads, max_len, c.head_dim, dtype or w.dtype, w.device)
-                for _ in range(c.n_layers)]
+        return torch.zeros(2, c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, dtype=dtype or w.dtype,
+                           device=w.device)
+
+    @staticmethod
+    def layer_caches(storage: Tensor) -> list[KVCache]:
+        return [KVCache(storage[0, i], storage[1, i]) for i in range(storage.shape[1])]
 
     def forward(self, tokens: Tensor | None = None, *, input_pos: Tensor | None = None,
                 cache: list[KVCache] | None = None, key_mask: Tensor | None = None,
-                adapter: AdapterKV | None = None, hidden: Tensor | None = None, start_layer: int = 0) -> Tensor:
+                adapter: AdapterKV | None = None, hidden: Tensor | None = None, start_layer: int = 0,
+                static: bool = False) -> Tensor:
         """Final-normed hidden states [B, T, C]; `head()` turns them into logits.
 
         tokens [B, T]; input_pos [T]: cache slots of these tokens (default 0..T-1); key_mask [B, S]:
         True where a cache slot (or, without a cache, a position) holds a real token — pass it for
         left-padded batches, position ids then count real tokens only. `hidden` + `start_layer` resume
         from the output of layer start_layer-1 (the frozen-prefix cache). Layers below the first
-        adapted one always run without autograd.
+        adapted one always run without autograd. static: attend over the whole cache under a mask,
+        so no shape depends on input_pos's value (what torch.compile needs to reuse one graph).
         """
         h = self.tok_embeddings(tokens) if hidden is None else hidden  # [B, T, C]
         b, t, _ = h.shape
         if input_pos is None:
             input_pos = torch.arange(t, device=h.device)
-        end = int(input_pos[-1]) + 1
-        positions, mask = self._positions_and_mask(input_pos, end, key_mask, causal_needed=cache is not None)
+        if static:
+            if cache is None:
+                raise ValueError("static=True needs a cache")
+            end = cache[0].max_len
+            positions, mask = self._positions_and_mask(input_pos, end, key_mask, causal_needed=True, static=True)
+        else:
+            end = int(input_pos[-1]) + 1
+            positions, mask = self._positions_and_mask(input_pos, end, key_mask, causal_needed=cache is not None)
         cos, sin = self.rope(end)
         cos, sin = cos[positions].unsqueeze(-3), sin[positions].unsqueeze(-3)  # [B or 1, 1, T, d]
         first_trained = adapter.first_layer if adapter is not None else self.config.n_layers
@@ -252,13 +269,13 @@ class Llama(nn.Module):
         return h
 
     @staticmethod
-    def _positions_and_mask(input_pos: Tensor, end: int, key_mask: Tensor | None,
-                            causal_needed: bool) -> tuple[Tensor, Tensor | None]:
+    def _positions_and_mask(input_pos: Tensor, end: int, key_mask: Tensor | None, causal_needed: bool,
+                            static: bool = False) -> tuple[Tensor, Tensor | None]:
         """RoPE positions [B or 1, T] and a boolean attention mask [B or 1, 1, T, end] (None: plain causal)."""
         if key_mask is None:
             positions = input_pos[None]
             t = input_pos.numel()
-            if not causal_needed or t == end or t == 1:
+            if not static and (not causal_needed or t == end or t == 1):
                 return positions, None  # prefill from slot 0 (is_causal is exact) or one query seeing all
             keys = torch.arange(end, device=input_pos.device)
             return positions, (keys[None, :] <= input_pos[:, None])[None, None]
