@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .fast_decode import FastDecoder, bucket, stack_adapter
 from .llama import AdapterKV, Llama
 from .tokenizer import Tokenizer
 
@@ -59,12 +58,8 @@ def sample(logits: Tensor, s: Sampling, generator: torch.Generator | None) -> Te
 
 
 def decode_tokens(base: Llama, prompts: Sequence[Sequence[int]], adapter: AdapterKV | None, s: Sampling,
-                  eos_ids: Sequence[int], fast: FastDecoder | None = None) -> Iterator[Tensor]:
-    """Yield the next token of every sequence [B] per step; a finished sequence keeps yielding eos.
-
-    With `fast`, the cache is sized to a compile bucket and each step uses the compiled graph for
-    this shape once it is ready (eager steps until then, on the same cache).
-    """
+                  eos_ids: Sequence[int]) -> Iterator[Tensor]:
+    """Yield the next token of every sequence [B] per step; a finished sequence keeps yielding eos."""
     device = base.tok_embeddings.weight.device
     b = len(prompts)
     longest = max(len(p) for p in prompts)
@@ -74,28 +69,24 @@ def decode_tokens(base: Llama, prompts: Sequence[Sequence[int]], adapter: Adapte
     if total > base.config.max_seq_len:
         raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({s.max_new_tokens}) exceed the model's "
                          f"context of {base.config.max_seq_len}; truncate the prompt or ask for fewer tokens")
-    size = bucket(total, base.config.max_seq_len) if fast is not None else total
     generator = None
     if s.seed is not None:
         generator = torch.Generator(device=device).manual_seed(s.seed)
     # Inference mode is entered per step, never across a `yield`: the consumer may resume this
     # generator on another thread (web servers do), where a mode entered here would not be active.
-    # Every tensor is made inside it, as the compiled step's example inputs are (its guards match).
     with torch.inference_mode():
         tokens = torch.zeros(b, longest, dtype=torch.long, device=device)
-        key_mask = torch.ones(b, size, dtype=torch.bool, device=device)  # generated slots are real tokens
+        key_mask = torch.ones(b, total, dtype=torch.bool, device=device)  # generated slots are real tokens
         for i, p in enumerate(prompts):  # left padding
             tokens[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
             key_mask[i, : longest - len(p)] = False
-        eager_mask = key_mask if bool((~key_mask[:, :longest]).any()) else None
+        padding_mask = key_mask if bool((~key_mask[:, :longest]).any()) else None
         eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
-        storage = base.new_cache(b, size)
-        cache = base.layer_caches(storage)
-        h = base(tokens, input_pos=torch.arange(longest, device=device), cache=cache, key_mask=eager_mask,
+        cache = base.layer_caches(base.new_cache(b, total))
+        h = base(tokens, input_pos=torch.arange(longest, device=device), cache=cache, key_mask=padding_mask,
                  adapter=adapter)
         logits = base.head(h[:, -1])  # [B, V]
-        stacked = stack_adapter(adapter, b) if fast is not None and adapter is not None else ()
     for step in range(s.max_new_tokens):
         with torch.inference_mode():
             nxt = sample(logits, s, generator)
@@ -106,12 +97,8 @@ def decode_tokens(base: Llama, prompts: Sequence[Sequence[int]], adapter: Adapte
             return
         with torch.inference_mode():
             pos = torch.tensor([longest + step], device=device)
-            compiled = fast.step_for(b, size, adapter) if fast is not None else None
-            if compiled is not None:
-                logits = compiled(nxt[:, None], pos, storage, key_mask, *stacked)
-            else:
-                h = base(nxt[:, None], input_pos=pos, cache=cache, key_mask=eager_mask, adapter=adapter)
-                logits = base.head(h[:, -1])
+            h = base(nxt[:, None], input_pos=pos, cache=cache, key_mask=padding_mask, adapter=adapter)
+            logits = base.head(h[:, -1])
 
 
 class TextStream:

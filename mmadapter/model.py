@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from .adapter import Adapter
 from .config import AdapterConfig, VisionConfig
-from .fast_decode import FastDecoder, bucket
 from .generate import Sampling, TextStream, decode_tokens
 from .llama import AdapterKV, Llama
 from .tokenizer import Tokenizer
@@ -32,7 +31,6 @@ class MMAdapter(nn.Module):
         self.base, self.tokenizer, self.adapter, self.vision = base, tokenizer, adapter, vision
         self.base_name, self.base_fingerprint = base_name, base_fingerprint
         self.template = template or ("chat" if tokenizer is not None and tokenizer.chat_template else "alpaca")
-        self.fast_decoder: FastDecoder | None = None
         self.feature_cache = None
         if vision is not None:
             from .feature_cache import FeatureCache
@@ -51,21 +49,6 @@ class MMAdapter(nn.Module):
         device = self.base.tok_embeddings.weight.device
         self.adapter = Adapter(config or AdapterConfig(), self.base.config, vision_config, feature_dim).to(device)
         return self.adapter
-
-    def enable_fast_decode(self, background: bool = True, warm: bool = True) -> FastDecoder:
-        """Decode with a compiled one-token step (fast_decode.py) once it is ready.
-
-        Compilation runs in a background thread; until a shape's graph is ready, generation decodes
-        eagerly, so no answer waits for it. warm: start compiling the common shape (one prompt,
-        the smallest cache bucket, the active adapter) right away.
-        """
-        if self.fast_decoder is None:
-            self.fast_decoder = FastDecoder(self.base, background=background)
-        if warm:
-            with torch.inference_mode():
-                kv = self.adapter_kv()
-            self.fast_decoder.step_for(1, bucket(1, self.base.config.max_seq_len), kv)
-        return self.fast_decoder
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [] if self.adapter is None else [p for p in self.adapter.parameters() if p.requires_grad]
@@ -242,7 +225,7 @@ class MMAdapter(nn.Module):
         with torch.inference_mode():
             feats, has_image = self.image_features(images)
             kv = self.adapter_kv(feats, has_image, adapter)  # once per request, reused by every step
-        yield from decode_tokens(self.base, prompts, kv, s, self.tokenizer.eos_ids, fast=self.fast_decoder)
+        yield from decode_tokens(self.base, prompts, kv, s, self.tokenizer.eos_ids)
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:

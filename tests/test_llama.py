@@ -97,3 +97,19 @@ def test_embedded_smollm2_matches_transformers(smollm, smollm_hf):
 def test_embedded_default_answers_sensibly(smollm):
     answer = smollm.generate("What is the capital of France?", max_new_tokens=24)
     assert "Paris" in answer
+
+
+def test_one_row_product_uses_every_core_and_equals_linear():
+    from mmadapter.llama import matvec_or_matmul
+
+    torch.manual_seed(0)
+    weight, x = torch.randn(96, 40), torch.randn(1, 1, 40)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            torch.testing.assert_close(matvec_or_matmul(x, weight), torch.nn.functional.linear(x, weight))
+    finally:
+        torch.set_num_threads(threads)
+    rows = torch.randn(2, 3, 40)
+    torch.testing.assert_close(matvec_or_matmul(rows, weight), torch.nn.functional.linear(rows, weight))
