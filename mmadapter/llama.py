@@ -228,10 +228,13 @@ class Llama(nn.Module):
             self._rope = rope_tables(self.config, size, device)
         return self._rope
 
+    def head_weight(self) -> Tensor:
+        """The LM head's weight [vocab, C]: the token embedding when tied."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
     def head(self, h: Tensor) -> Tensor:
         """Logits [..., vocab] from final-normed hidden states [..., C]."""
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return matvec_or_matmul(h, weight)
+        return matvec_or_matmul(h, self.head_weight())
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> Tensor:
         """Zeroed cache storage [2, n_layers, B, n_kv_heads, max_len, head_dim]; see `layer_caches`."""

@@ -10,13 +10,13 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapter import Adapter
 from .config import AdapterConfig, VisionConfig
 from .generate import Sampling, TextStream, decode_tokens
 from .llama import AdapterKV, Llama
+from .loss import head_cross_entropy
 from .tokenizer import Tokenizer
 from .weights import DEFAULT_BASE, load_checkpoint
 
@@ -111,7 +111,8 @@ class MMAdapter(nn.Module):
         """Next-token cross-entropy on labelled positions only (labels -100 elsewhere).
 
         The LM head runs only where a label exists, which skips most of the vocab projection for
-        instruction data. `prefix` is the cached output of the frozen layers below the adapter.
+        instruction data, in chunks that never hold all logits (loss.py). `prefix` is the cached
+        output of the frozen layers below the adapter.
         """
         kv = self.adapter_kv(image_features, has_image)
         if prefix is not None:
@@ -122,8 +123,7 @@ class MMAdapter(nn.Module):
             h = self.base(tokens, adapter=kv)  # [B, T, C]
         targets = labels[:, 1:]  # position t predicts token t+1
         selected = targets != -100
-        logits = self.base.head(h[:, :-1][selected])  # [N, V]
-        return F.cross_entropy(logits.float(), targets[selected], reduction=reduction)
+        return head_cross_entropy(h[:, :-1][selected], self.base.head_weight(), targets[selected], reduction)
 
     # ------------------------------------------------------------------------------------------
     # generation
