@@ -54,7 +54,8 @@ class ChatService:
         if m.vision is None:
             lines.append("**Vision tower:** none — images need a multimodal adapter or `--vision`")
         else:
-            lines.append(f"**Vision tower:** `{m.vision.config.model}` ({m.vision.config.pretrained or 'random'})")
+            weights = Path(m.vision.config.pretrained).name if m.vision.config.pretrained else "random"  # no server paths
+            lines.append(f"**Vision tower:** `{m.vision.config.model}` ({weights})")
             if m.vision.config.pretrained is None:
                 lines.append(f"{WARN}**The vision tower has random weights: answers about images are meaningless.** "
                              "Start the app with `--vision ViT-L-14:openai` (or a local weights file).")

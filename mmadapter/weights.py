@@ -219,6 +219,16 @@ def interleaved_to_half(w: Tensor, n_heads: int) -> Tensor:
     return w.reshape(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
 
 
+def qk_to_half_split(state: dict[str, Tensor], config: LlamaConfig) -> dict[str, Tensor]:
+    """Every layer's wq / wk of a Meta or GGUF state dict in the half-split layout (in place)."""
+    for i in range(config.n_layers):
+        for name, heads in (("wq", config.n_heads), ("wk", config.n_kv_heads)):
+            key = f"layers.{i}.attention.{name}.weight"
+            if key in state:
+                state[key] = interleaved_to_half(state[key], heads)
+    return state
+
+
 def half_to_interleaved(w: Tensor, n_heads: int) -> Tensor:
     """The inverse of `interleaved_to_half` (for exporting to Meta / GGUF layouts)."""
     out, inp = w.shape
@@ -407,12 +417,7 @@ def read_meta_dir(path: Path) -> tuple[LlamaConfig, dict[str, Tensor], Tokenizer
     except (TypeError, ValueError, ArithmeticError) as e:  # a field of the wrong type or range
         raise CheckpointError(f"{path / 'params.json'}: malformed ({type(e).__name__}: {e})") from e
     check_shapes(config, {k: tuple(v.shape) for k, v in state.items()}, str(path))
-    for i in range(config.n_layers):
-        for name, heads in (("wq", config.n_heads), ("wk", config.n_kv_heads)):
-            key = f"layers.{i}.attention.{name}.weight"
-            if key in state:
-                state[key] = interleaved_to_half(state[key], heads)
-    return config, state, tokenizer
+    return config, qk_to_half_split(state, config), tokenizer
 
 
 def _merge_meta_shards(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -489,12 +494,7 @@ def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, Tensor], Tokenizer]:
         raise CheckpointError(f"{path}: malformed GGUF metadata ({type(e).__name__}: {e})") from e
     check_shapes(config, {k: _gguf_shape(t) for k, t in tensors.items()}, str(path))
     state = {k: _gguf_tensor(t, path) for k, t in tensors.items()}
-    for i in range(config.n_layers):
-        for name, heads in (("wq", config.n_heads), ("wk", config.n_kv_heads)):
-            key = f"layers.{i}.attention.{name}.weight"
-            if key in state:
-                state[key] = interleaved_to_half(state[key], heads)
-    return config, state, tokenizer
+    return config, qk_to_half_split(state, config), tokenizer
 
 
 def _gguf_shape(t: Any) -> tuple[int, ...]:
