@@ -1,0 +1,45 @@
+"""`make bench` / `python -m bench`: every benchmark in one process, a Markdown report at the end.
+
+Options: --only NAME (repeatable), --runs N (default 5), --device cuda (the GPU script instead).
+Results: bench/results/<name>.json and bench/results/REPORT.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from . import bandwidth, decode, epoch, memory, prefix_cache, train_step
+from .common import RESULTS, machine, setup_threads
+
+SUITE = {"bandwidth": bandwidth.run, "train_step": train_step.run, "epoch": epoch.run,
+         "prefix_cache": prefix_cache.run, "decode": decode.run, "memory": memory.run}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--only", action="append", choices=sorted(SUITE))
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.device != "cpu":
+        from . import gpu
+
+        gpu.run(args.device)
+        return
+    threads = setup_threads()
+    m = machine()
+    parts = [f"# mmadapter benchmarks\n\n{m['cpu']}, {threads} threads, torch {m['torch']}, {m['date']}; "
+             "command: `make bench`\n"]
+    for name, fn in SUITE.items():
+        if args.only and name not in args.only:
+            continue
+        start = time.perf_counter()
+        parts.append(fn() if name in ("bandwidth", "memory") else fn(runs=args.runs))
+        print(f"({name}: {time.perf_counter() - start:.0f} s)\n", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "REPORT.md").write_text("\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
