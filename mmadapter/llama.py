@@ -147,6 +147,27 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -
     return (scores.softmax(-1).to(v.dtype) @ v).reshape(b, h, 1, d)
 
 
+def attend_one_with_prompt(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, pk: Tensor, pv: Tensor,
+                           gate: Tensor) -> Tensor:
+    """`attend` for one query token plus the gated prompt term, for decoding: q [B, H, 1, d], k/v
+    [B, G, S, d], prompt pk/pv [Bp, G, K, d] (Bp 1 or B), gate [H] -> [B, H, 1, d].
+
+    The same math as the general path in `Attention.forward` (two softmaxes, tanh-gated sum) with the
+    scale applied to q once and the prompt batch broadcast rather than expanded: decoding runs this
+    in every adapted layer for every token, where each op's fixed cost is what the adapter adds.
+    """
+    b, h, _, d = q.shape
+    g, s = k.shape[1], k.shape[2]
+    qg = q.reshape(b, g, h // g, d) * d**-0.5  # [B, G, H/G, d]: the query heads sharing each kv head
+    scores = (qg @ k.transpose(-1, -2)).float()  # [B, G, H/G, S], softmax in fp32
+    if mask is not None:
+        scores = scores.masked_fill(~mask.reshape(mask.shape[0], 1, 1, s), float("-inf"))
+    y = scores.softmax(-1).to(v.dtype) @ v  # [B, G, H/G, d]
+    prompt_probs = (qg @ pk.transpose(-1, -2)).float().softmax(-1).to(pv.dtype)  # [B, G, H/G, K]
+    y = y.addcmul(gate.to(y.dtype).view(1, g, h // g, 1), prompt_probs @ pv)
+    return y.reshape(b, h, 1, d)
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -174,12 +195,15 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(input_pos, k, v, end)  # [B, G, S, d]
-        y = attend(q, k, v, mask, causal=mask is None and t > 1)  # [B, H, T, d]
-        if prompt is not None:
-            pk, pv, gate = prompt  # [Bp, G, K, d] x2, gate [H] (tanh applied)
-            pk, pv = pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1)
-            y_prompt = attend(q, pk, pv, None, causal=False)  # every query sees all K prompts
-            y = y + gate.to(y.dtype).view(1, -1, 1, 1) * y_prompt
+        if prompt is not None and t == 1:
+            y = attend_one_with_prompt(q, k, v, mask, *prompt)  # decoding: the same sum in half the ops
+        else:
+            y = attend(q, k, v, mask, causal=mask is None and t > 1)  # [B, H, T, d]
+            if prompt is not None:
+                pk, pv, gate = prompt  # [Bp, G, K, d] x2, gate [H] (tanh applied)
+                pk, pv = pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1)
+                y_prompt = attend(q, pk, pv, None, causal=False)  # every query sees all K prompts
+                y = y + gate.to(y.dtype).view(1, -1, 1, 1) * y_prompt
         return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 

@@ -171,3 +171,24 @@ def test_build_model_on_embedded_default_summarises_parts(smollm):
     text = model.summary()
     assert "prompts" in text and "gates" in text and f"{10 * 28 * 576:,}" in text
     model.adapter = None  # leave the shared fixture as we found it
+
+
+@pytest.mark.parametrize("prompt_batch", [1, 3])
+def test_one_token_prompt_attention_equals_the_general_path(prompt_batch):
+    """Decoding's fused path (`attend_one_with_prompt`) against the general one, with a different gate
+    per head (a head-to-gate mix-up shows), grouped kv heads, padding in the mask and one prompt set
+    shared by the batch or one per sample."""
+    from mmadapter.llama import attend, attend_one_with_prompt
+
+    g = torch.Generator().manual_seed(0)
+    b, h, kv_heads, s, k_prompts, d = 3, 6, 2, 7, 4, 8
+    q = torch.randn(b, h, 1, d, generator=g)
+    k, v = torch.randn(b, kv_heads, s, d, generator=g), torch.randn(b, kv_heads, s, d, generator=g)
+    pk = torch.randn(prompt_batch, kv_heads, k_prompts, d, generator=g)
+    pv = torch.randn(prompt_batch, kv_heads, k_prompts, d, generator=g)
+    gate = torch.tanh(torch.randn(h, generator=g))
+    mask = torch.ones(b, 1, 1, s, dtype=torch.bool)
+    mask[1, ..., :3] = False  # a left-padded sample
+    general = attend(q, k, v, mask, causal=False) + gate.view(1, h, 1, 1) * attend(
+        q, pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1), None, causal=False)
+    torch.testing.assert_close(attend_one_with_prompt(q, k, v, mask, pk, pv, gate), general, rtol=1e-5, atol=1e-6)
