@@ -1,7 +1,8 @@
 """`make bench` / `python -m bench`: every benchmark in one process, a Markdown report at the end.
 
 Options: --only NAME (repeatable), --runs N (default 5), --device cuda (the GPU script instead).
-Results: bench/results/<name>.json and bench/results/REPORT.md.
+Results: bench/results/<name>.json; bench/results/REPORT.md gathers the latest result of every benchmark,
+so `--only` refreshes one table and keeps the others.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import time
 
 from . import bandwidth, decode, epoch, memory, prefix_cache, train_step
-from .common import RESULTS, machine, setup_threads
+from .common import RESULTS, machine, markdown_of, setup_threads
 
 SUITE = {"bandwidth": bandwidth.run, "train_step": train_step.run, "epoch": epoch.run,
          "prefix_cache": prefix_cache.run, "decode": decode.run, "memory": memory.run}
@@ -29,14 +30,17 @@ def main() -> None:
         return
     threads = setup_threads()
     m = machine()
-    parts = [f"# mmadapter benchmarks\n\n{m['cpu']}, {threads} threads, torch {m['torch']}, {m['date']}; "
-             "command: `make bench`\n"]
     for name, fn in SUITE.items():
         if args.only and name not in args.only:
             continue
         start = time.perf_counter()
-        parts.append(fn() if name in ("bandwidth", "memory") else fn(runs=args.runs))
+        if name in ("bandwidth", "memory"):  # not timings: nothing to take a median of
+            fn()
+        else:
+            fn(runs=args.runs)
         print(f"({name}: {time.perf_counter() - start:.0f} s)\n", flush=True)
+    parts = [f"# mmadapter benchmarks\n\n{m['cpu']}, {threads} threads, torch {m['torch']}; command: `make bench`\n"]
+    parts += [md for md in map(markdown_of, SUITE) if md]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "REPORT.md").write_text("\n".join(parts))
 

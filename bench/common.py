@@ -93,8 +93,18 @@ def machine() -> dict[str, Any]:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far.
+
+    Linux's VmHWM, not getrusage: ru_maxrss survives exec, so a child started from the (large) benchmark
+    process would report the parent's size at fork time.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024**2)
 
 
 def in_subprocess(module: str, *args: str) -> dict[str, Any]:
@@ -123,3 +133,12 @@ def report(name: str, title: str, headers: Sequence[str], rows: Sequence[Sequenc
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
     print(markdown, flush=True)
     return markdown
+
+
+def markdown_of(name: str) -> str | None:
+    """The table a previous run wrote to bench/results/<name>.json, or None."""
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return None
+    r = json.loads(path.read_text())
+    return f"### {r['title']}\n\n{table(r['headers'], r['rows'])}\n\n({r['machine']['cpu']}, {r['machine']['date']})\n"

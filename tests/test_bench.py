@@ -1,0 +1,33 @@
+"""The benchmark scripts run end to end on tiny inputs (their numbers are for bench/, not for tests)."""
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+
+def test_gpu_script_runs_on_cpu_with_a_tiny_preset(tmp_path, monkeypatch):
+    """The GPU check can only be timed on a GPU; here its code path runs once, so a lent GPU never meets a bug."""
+    from bench import common, gpu
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    markdown = gpu.run("cpu", preset="tiny")
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert [row[0] for row in result["rows"]] == ["decode batch 1, base", "decode batch 1, adapter K=10, L=2",
+                                                  "train step 8 x 256"]
+    assert "tokens/s" in result["rows"][0][1] and float(result["rows"][0][1].split()[0]) > 0
+    assert "MFU peak unknown" in result["rows"][2][2]  # no peak FLOP/s is known for a CPU
+    assert markdown.startswith("### CPU: tiny shape")
+
+
+def test_epoch_lengths_follow_the_documented_distribution():
+    """The synthetic Alpaca-like lengths: medians near the documented ones, nothing past the 512 cap."""
+    from bench.epoch import MAX_LEN, synthetic_lengths
+
+    lengths = synthetic_lengths(2000)
+    prompts = sorted(p for p, _ in lengths)
+    responses = sorted(r for _, r in lengths)
+    assert all(p + r <= MAX_LEN for p, r in lengths)
+    assert 60 <= prompts[1000] <= 80  # 41-token preamble + median 18 instruction + inputs in 40% of samples
+    assert 50 <= responses[1000] <= 70  # median 60
