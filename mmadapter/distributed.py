@@ -1,7 +1,9 @@
 """The process group of a `torchrun` launch, reduced to what training needs.
 
 Gloo on CPU, NCCL on GPU. In a single process every method is a no-op, so the training loop
-has one code path.
+has one code path. By default every process holds the whole frozen base and the adapter gradients
+are summed with one all-reduce; `shard_layers` (FSDP) splits the layer weights across processes for
+bases too big for one device.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass
@@ -45,6 +47,26 @@ class Distributed:
             moved = tensor.to(self.comm_device)
             dist.broadcast(moved, src=0)
             tensor.copy_(moved)
+
+    def shard_layers(self, layers: nn.ModuleList, device: torch.device) -> None:
+        """FSDP over all processes: each keeps 1/world of every layer's attention and MLP weights, and
+        a layer's weights are gathered just for its forward and backward. The adapter, embeddings and
+        norms stay whole on every process (small), so its gradients are still summed by `all_reduce`.
+
+        `project_prompt` gathers W_k/W_v like a forward: the prompt K/V are computed outside the layer
+        call. Layers may arrive on the CPU; their shards move to `device`.
+        """
+        if self.world == 1:
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        mesh = init_device_mesh(device.type, (self.world,))
+        for layer in layers:  # each part its own root: True, not the default, or a root keeps its gathered weights
+            fully_shard(layer.attention, mesh=mesh, reshard_after_forward=True)
+            register_fsdp_forward_method(layer.attention, "project_prompt")
+            fully_shard(layer.feed_forward, mesh=mesh, reshard_after_forward=True)
+        layers.to(device)  # the norms; the sharded weights are there already
 
     @classmethod
     def setup(cls, device: torch.device) -> Distributed:

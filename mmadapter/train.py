@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write_text
@@ -102,6 +102,8 @@ class TrainConfig:
     on_nonfinite: str = _opt("stop", "a NaN/inf loss or gradient: stop (with a checkpoint of the state before "
                                      "that batch) or skip the batch", choices=("stop", "skip"))
     seed: int = _opt(0, "seed of the adapter initialisation and the batch order")
+    fsdp: bool = _opt(False, "under torchrun: shard the frozen layers across processes (FSDP) instead of a "
+                             "whole base per process, for bases too big for one device")
     precision: str = _opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16",
                           choices=("auto", "fp32", "bf16"))
     group_by_length: bool = _opt(True, "batch samples of similar length together (less padding)")
@@ -230,6 +232,12 @@ class Trainer:
             model.add_adapter(seed=config.seed)
         self.device = model.base.tok_embeddings.weight.device
         self.dist = Distributed.setup(self.device)
+        self.sharded = config.fsdp and self.dist.world > 1
+        if self.sharded:
+            if config.prefix_cache != "off":
+                raise ValueError("--fsdp and --prefix-cache cannot be combined: cache hits differ between "
+                                 "processes, while sharded layers need every process in every layer")
+            self.dist.shard_layers(model.base.layers, self.device)
         self.out = Path(config.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.template = config.template or model.template_for()
@@ -278,14 +286,14 @@ class Trainer:
 
     # -- forward -------------------------------------------------------------------------------
 
-    def batch_loss(self, data: PreparedData, indices: list[int]) -> Tensor:
+    def batch_loss(self, data: PreparedData, indices: list[int], images: bool = True) -> Tensor:
         """Summed token cross-entropy of some samples (a micro-batch share)."""
         model = self.model
         batch = collate([data.samples[i] for i in indices], pad_id=model.tokenizer.pad_id)
         tokens, labels = batch["tokens"].to(self.device), batch["labels"].to(self.device)
         features, has_image = None, None
         rows = torch.tensor([data.image_rows[i] for i in indices], device=self.device)
-        if bool((rows >= 0).any()):
+        if images and bool((rows >= 0).any()):
             has_image = rows >= 0
             features = data.features.new_zeros(len(indices), data.features.shape[1])
             features[has_image] = data.features[rows[has_image]]
@@ -306,12 +314,21 @@ class Trainer:
         bs = self.config.batch_size
         batches = [order[i:i + bs] for i in range(0, len(order), bs)]
         total = torch.zeros(2, dtype=torch.float64)
-        for indices in batches[self.dist.rank::self.dist.world]:
+        mine = batches[self.dist.rank::self.dist.world]
+        for indices in mine:
             total[0] += float(self.batch_loss(data, indices))
             total[1] += sum(data.label_counts[i] for i in indices)
+        if self.sharded:
+            for _ in range(-(-len(batches) // self.dist.world) - len(mine)):
+                self.batch_loss(data, batches[0][:1], images=False)  # see `_idle_pass`
         total = self.dist.all_reduce(total)
         self.model.adapter.train()
         return float(total[0] / total[1])
+
+    def _idle_pass(self, data: PreparedData, indices: list[int]) -> None:
+        """Under FSDP every process must join every layer's weight gathering: one without a share of a
+        micro-batch runs a sample with zero weight (text only, so an unused projector stays unused)."""
+        (self.batch_loss(data, indices, images=False) * 0.0).backward()
 
     def _reduce_gradients(self, loss_sum: Tensor) -> Tensor:
         """Sum gradients (and the loss) over processes with one flat all-reduce.
@@ -341,6 +358,8 @@ class Trainer:
         for batch in group:
             mine = batch[self.dist.rank::self.dist.world]
             if not mine:
+                if self.sharded:
+                    self._idle_pass(data, batch[:1])
                 continue
             loss = self.batch_loss(data, mine)
             (loss / n_labels).backward()
@@ -602,6 +621,7 @@ class Trainer:
                    "final_loss": last["loss"] if last else None, "eval_losses": self.eval_losses,
                    "elapsed_s": round(self.elapsed(), 2), "train_data": data.summary,
                    "effective_batch": self.effective_batch, "peak_lr": self.peak_lr(), "processes": d.world,
+                   "fsdp": self.sharded, "frozen_mb_per_process": round(local_bytes(self.model.base) / 2**20, 3),
                    "checkpoint": str(self.ckpt_root / checkpoint_name(self.step))}
         if self.model.feature_cache is not None and self.model.vision is not None:
             summary["feature_cache"] = self.model.feature_cache.stats()
@@ -643,6 +663,15 @@ class Trainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+
+def local_bytes(module: nn.Module) -> int:
+    """Bytes of parameters this process holds (its shards, under FSDP)."""
+    total = 0
+    for p in module.parameters():
+        t = p.to_local() if hasattr(p, "to_local") else p  # a DTensor's shard under FSDP
+        total += t.numel() * t.element_size()
+    return total
 
 
 def train(model: MMAdapter, train_data: Any = None, config: TrainConfig | None = None, eval_data: Any = None,

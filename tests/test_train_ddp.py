@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,7 +22,9 @@ from test_train import (COLOURS, draw_picture, instruction_records, make_text_ba
                         multimodal_model, one_thread, quick_config, subprocess_env)  # noqa: F401
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Path, fsdp: bool) -> None:
+    """Replicated base (all-reduce of adapter gradients) or FSDP-sharded layers: the same adapter."""
     base = make_text_base(tmp_path / "base")
     (tmp_path / "towers").mkdir()
     tower = make_tower_dir(tmp_path / "towers" / "tiny_vit")
@@ -46,7 +49,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Pa
            "-m", "mmadapter", "train", "--base", str(base), "--vision", f"local-dir:{tower}",
            "--vision-pretrained", "none", "--vision-scales", "2", "--projector-hidden", "32", "--n-prompts", "4",
            "--n-layers", "2", "--data", str(data), "--output-dir", str(out), "--batch-size", "2",
-           "--no-progress", "--no-plot", *flags]
+           "--no-progress", "--no-plot", *flags, *(["--fsdp"] if fsdp else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -60,6 +63,16 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Pa
     # Rank 0 alone wrote: one log line per step, one summary, one set of checkpoints.
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == single.steps == 6
+    whole = single.summary["frozen_mb_per_process"]
+    if fsdp:  # each process holds half of every attention and MLP weight, and the rest whole
+        from mmadapter import load_base
+
+        sharded = sum(p.numel() * p.element_size() for layer in load_base(str(base)).base.layers
+                      for part in (layer.attention, layer.feed_forward) for p in part.parameters()) / 2**20
+        assert abs(summary["frozen_mb_per_process"] - (whole - sharded / 2)) < 0.002
+        assert summary["fsdp"]
+    else:
+        assert summary["frozen_mb_per_process"] == whole
     assert summary["effective_batch"] == single.summary["effective_batch"] == 8
     assert [r["step"] for r in read_log(out / "train_log.jsonl") if r["type"] == "train"] == list(range(1, 7))
     single_log = [r["loss"] for r in read_log(single.output_dir / "train_log.jsonl")]

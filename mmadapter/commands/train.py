@@ -93,7 +93,10 @@ def resolve_options(args: argparse.Namespace) -> tuple[ModelOptions, TrainConfig
     return options, config
 
 
-def build_training_model(options: ModelOptions, seed: int) -> Any:
+def build_training_model(options: ModelOptions, seed: int, fsdp: bool = False) -> Any:
+    """The model on its device. With --fsdp on GPUs under torchrun the base is read into host memory and
+    only what stays whole (embeddings, norms, adapter, tower) moves to the GPU here; the trainer moves
+    each process's 1/N share of the layer weights there, so the base never has to fit one GPU."""
     import torch
 
     from ..config import AdapterConfig, VisionConfig
@@ -108,9 +111,16 @@ def build_training_model(options: ModelOptions, seed: int) -> Any:
     if options.vision:
         vision = VisionConfig(model=options.vision, pretrained=options.vision_pretrained,
                               n_scales=options.vision_scales, projector_hidden=options.projector_hidden)
-    return build_model(options.base, AdapterConfig(n_prompts=options.n_prompts, n_layers=options.n_layers),
-                       vision, dtype=getattr(torch, options.dtype) if options.dtype else None, device=device,
-                       seed=seed)
+    dtype = getattr(torch, options.dtype) if options.dtype else None
+    shard_later = fsdp and torch.device(device).type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    model = build_model(options.base, AdapterConfig(n_prompts=options.n_prompts, n_layers=options.n_layers),
+                        vision, dtype=dtype or (torch.bfloat16 if shard_later else None),
+                        device="cpu" if shard_later else device, seed=seed)
+    if shard_later:
+        for name, part in [*model.base.named_children(), ("adapter", model.adapter), ("vision", model.vision)]:
+            if name != "layers" and part is not None:
+                part.to(device)
+    return model
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,6 +129,6 @@ def run(args: argparse.Namespace) -> int:
     options, config = resolve_options(args)
     if config.data is None:
         raise ValueError("no training data: pass --data FILE (or scienceqa:<dir>), or set data in --config")
-    model = build_training_model(options, config.seed)
+    model = build_training_model(options, config.seed, fsdp=config.fsdp)
     result = train(model, config.data, config, config.eval_data, extra_config=dataclasses.asdict(options))
     return 130 if result.interrupted else 0
