@@ -133,28 +133,22 @@ class KVCache:
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
     """Scaled dot-product attention with grouped kv heads: q [B, H, T, d], k/v [B, G, S, d] -> [B, H, T, d].
 
-    Query head h uses kv head h // (H/G). One query token (decoding) takes plain matmuls: on CPU,
-    SDPA's per-call overhead costs more than the whole computation at T=1.
+    Query head h uses kv head h // (H/G). One query token takes `attend_one` instead.
     """
-    b, h, t, d = q.shape
-    g, s = k.shape[1], k.shape[2]
-    if t > 1 or causal:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=g != h)
-    qg = q.reshape(b, g, h // g, d)  # the query heads sharing each kv head, as rows
-    scores = (qg @ k.transpose(-1, -2)).float() * d**-0.5  # [B, G, H/G, S], softmax in fp32
-    if mask is not None:
-        scores = scores.masked_fill(~mask.reshape(mask.shape[0], 1, 1, s), float("-inf"))
-    return (scores.softmax(-1).to(v.dtype) @ v).reshape(b, h, 1, d)
+    grouped = k.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=grouped)
 
 
-def attend_one_with_prompt(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, pk: Tensor, pv: Tensor,
-                           gate: Tensor) -> Tensor:
-    """`attend` for one query token plus the gated prompt term, for decoding: q [B, H, 1, d], k/v
-    [B, G, S, d], prompt pk/pv [Bp, G, K, d] (Bp 1 or B), gate [H] -> [B, H, 1, d].
+def attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+               prompt: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """Attention of one query token (decoding) with plain matmuls, plus the gated prompt term when given:
+    q [B, H, 1, d], k/v [B, G, S, d], mask [B or 1, 1, 1, S]; prompt (pk, pv [Bp, G, K, d] with Bp 1 or
+    B, gate [H] tanh-ed) -> [B, H, 1, d].
 
-    The same math as the general path in `Attention.forward` (two softmaxes, tanh-gated sum) with the
-    scale applied to q once and the prompt batch broadcast rather than expanded: decoding runs this
-    in every adapted layer for every token, where each op's fixed cost is what the adapter adds.
+    On CPU, SDPA's per-call overhead costs more than the whole computation at T=1, and decoding runs
+    this in every layer for every token, where each op's fixed cost counts: the scale is applied to q
+    once and the prompt batch is broadcast, not expanded. The math is the general path's in
+    `Attention.forward` (a separate softmax over the prompts, a tanh-gated sum).
     """
     b, h, _, d = q.shape
     g, s = k.shape[1], k.shape[2]
@@ -163,8 +157,10 @@ def attend_one_with_prompt(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     if mask is not None:
         scores = scores.masked_fill(~mask.reshape(mask.shape[0], 1, 1, s), float("-inf"))
     y = scores.softmax(-1).to(v.dtype) @ v  # [B, G, H/G, d]
-    prompt_probs = (qg @ pk.transpose(-1, -2)).float().softmax(-1).to(pv.dtype)  # [B, G, H/G, K]
-    y = y.addcmul(gate.to(y.dtype).view(1, g, h // g, 1), prompt_probs @ pv)
+    if prompt is not None:
+        pk, pv, gate = prompt
+        prompt_probs = (qg @ pk.transpose(-1, -2)).float().softmax(-1).to(pv.dtype)  # [B, G, H/G, K]
+        y = y.addcmul(gate.to(y.dtype).view(1, g, h // g, 1), prompt_probs @ pv)
     return y.reshape(b, h, 1, d)
 
 
@@ -195,10 +191,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(input_pos, k, v, end)  # [B, G, S, d]
-        if prompt is not None and t == 1:
-            y = attend_one_with_prompt(q, k, v, mask, *prompt)  # decoding: the same sum in half the ops
+        if t == 1:
+            y = attend_one(q, k, v, mask, prompt)  # decoding
         else:
-            y = attend(q, k, v, mask, causal=mask is None and t > 1)  # [B, H, T, d]
+            y = attend(q, k, v, mask, causal=mask is None)  # [B, H, T, d]
             if prompt is not None:
                 pk, pv, gate = prompt  # [Bp, G, K, d] x2, gate [H] (tanh applied)
                 pk, pv = pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1)

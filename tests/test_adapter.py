@@ -175,10 +175,10 @@ def test_build_model_on_embedded_default_summarises_parts(smollm):
 
 @pytest.mark.parametrize("prompt_batch", [1, 3])
 def test_one_token_prompt_attention_equals_the_general_path(prompt_batch):
-    """Decoding's fused path (`attend_one_with_prompt`) against the general one, with a different gate
+    """Decoding's plain-matmul path (`attend_one`) against the general one (SDPA), with a different gate
     per head (a head-to-gate mix-up shows), grouped kv heads, padding in the mask and one prompt set
     shared by the batch or one per sample."""
-    from mmadapter.llama import attend, attend_one_with_prompt
+    from mmadapter.llama import attend, attend_one
 
     g = torch.Generator().manual_seed(0)
     b, h, kv_heads, s, k_prompts, d = 3, 6, 2, 7, 4, 8
@@ -191,4 +191,4 @@ def test_one_token_prompt_attention_equals_the_general_path(prompt_batch):
     mask[1, ..., :3] = False  # a left-padded sample
     general = attend(q, k, v, mask, causal=False) + gate.view(1, h, 1, 1) * attend(
         q, pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1), None, causal=False)
-    torch.testing.assert_close(attend_one_with_prompt(q, k, v, mask, pk, pv, gate), general, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attend_one(q, k, v, mask, (pk, pv, gate)), general, rtol=1e-5, atol=1e-6)
