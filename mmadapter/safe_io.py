@@ -7,11 +7,15 @@
   bytes that are really there, before `gguf.GGUFReader` (which trusts them) parses it. Without it, an
   array claiming 2^60 one-byte items makes the reader loop forever, growing memory at each step.
 
-Both raise `ValueError` with what was wrong; callers prefix the file name and use their own error type.
+- JSON files: `read_json_object` turns every way a config file can be broken (unreadable, bad UTF-8,
+  not JSON, nested past the recursion limit, a 5000-digit number, not an object) into one error.
+
+All raise `ValueError` with what was wrong; callers prefix the file name and use their own error type.
 """
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import pickle
@@ -186,3 +190,14 @@ class _GGUFHeader:
         if n_elements >= 1 << 50 or (dims and dims[0] % block):
             raise ValueError(f"tensor {name} has an impossible shape {dims} for its type")
         return name, offset, n_elements // block * type_size
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`, or a ValueError saying why there is none."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8, a 5000-digit number
+        raise ValueError(f"cannot read JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, found a {type(data).__name__}")
+    return data

@@ -21,6 +21,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .safe_io import read_json_object
+
 if TYPE_CHECKING:
     import gguf
     import sentencepiece
@@ -386,12 +388,9 @@ def _without_lone_surrogates(text: str) -> str:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as err:  # ValueError: bad JSON or UTF-8, a 5000-digit number
+        return read_json_object(path)
+    except ValueError as err:
         raise TokenizerError(f"{path} is corrupt ({err}); fix or delete it, or re-download the model") from err
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} should hold a JSON object; fix or delete it")
-    return data
 
 
 def _token_content(value: Any) -> str | None:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .config import LLAMA_PRESETS, LlamaConfig, RopeScaling
 from .llama import Llama, rope_inv_freq
-from .safe_io import check_gguf_header, load_torch_weights
+from .safe_io import check_gguf_header, load_torch_weights, read_json_object
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -348,12 +348,9 @@ def _has_tokenizer(path: Path) -> bool:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8, a 5000-digit number
-        raise CheckpointError(f"{path}: cannot read JSON ({type(e).__name__}: {e})") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found a {type(data).__name__}")
-    return data
+        return read_json_object(path)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------
