@@ -107,27 +107,35 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024**2)
 
 
-def in_subprocess(module: str, *args: str) -> dict[str, Any]:
-    """Run `python -m module args` (a fresh process, so its peak memory is its own) and parse its JSON line."""
+def print_peak(fn: Callable[[], Any], times: int) -> None:
+    """Run fn `times` times, then print this process's peak memory as the line `peak_in_subprocess` reads."""
+    for _ in range(times):
+        fn()
+    print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
+
+
+def peak_in_subprocess(module: str, *args: str) -> float:
+    """Peak memory (MiB) of `python -m module args`, a fresh process whose peak is its own (`print_peak`)."""
     out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, check=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def section(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown heading and table."""
     def cell(v: Any) -> str:
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines = [f"### {title}", "", "| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def report(name: str, title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]],
            extra: dict[str, Any] | None = None) -> str:
     """Print a Markdown table and write bench/results/<name>.json; returns the Markdown."""
     RESULTS.mkdir(exist_ok=True)
-    markdown = f"### {title}\n\n{table(headers, rows)}\n"
+    markdown = section(title, headers, rows)
     payload = {"title": title, "machine": machine(), "headers": list(headers), "rows": [list(r) for r in rows],
                **(extra or {})}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
@@ -141,4 +149,4 @@ def markdown_of(name: str) -> str | None:
     if not path.exists():
         return None
     r = json.loads(path.read_text())
-    return f"### {r['title']}\n\n{table(r['headers'], r['rows'])}\n\n({r['machine']['cpu']}, {r['machine']['date']})\n"
+    return f"{section(r['title'], r['headers'], r['rows'])}\n({r['machine']['cpu']}, {r['machine']['date']})\n"

@@ -10,14 +10,13 @@ The bound: weight bytes read per token / measured memory-read bandwidth.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from mmadapter.generate import Sampling, decode_tokens
 
 from .bandwidth import read_bandwidth
-from .common import anchor, median_seconds, ours, peak_rss_mib, report, setup_threads
+from .common import anchor, median_seconds, ours, print_peak, report, setup_threads
 
 PROMPT, NEW = 32, 64
 
@@ -111,9 +110,7 @@ def peak(which: str) -> None:
         fn = ours_fn(model, 1)
     else:
         fn = anchor_fn(anchor(30).base_model.model, 1)
-    for _ in range(2):
-        fn()
-    print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
+    print_peak(fn, times=2)
 
 
 if __name__ == "__main__":

@@ -5,15 +5,15 @@ Each figure comes from a fresh process, so it is that workload's own peak (model
 
 from __future__ import annotations
 
-from .common import in_subprocess, report
+from .common import peak_in_subprocess, report
 
 
 def run() -> str:
     rows = []
     for label, module, args in (("train step, L=30", "bench.train_step", ["--layers", "30"]),
                                 ("decode, batch 1, L=30", "bench.decode", [])):
-        anchor = in_subprocess(module, "--peak", "anchor", *args)["peak_rss_mib"]
-        mine = in_subprocess(module, "--peak", "ours", *args)["peak_rss_mib"]
+        anchor = peak_in_subprocess(module, "--peak", "anchor", *args)
+        mine = peak_in_subprocess(module, "--peak", "ours", *args)
         rows.append([label, round(anchor), round(mine), f"{mine / anchor:.2f}"])
     return report("memory", "Peak resident memory (MiB, one process each)",
                   ["workload", "transformers + PEFT", "mmadapter", "ratio"], rows)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mmadapter import TrainConfig, train
+from mmadapter.plot import read_log
 
 from .common import ours, report, setup_threads
 from .epoch import synthetic_lengths
@@ -36,8 +37,7 @@ def records(n: int, seed: int = 0) -> list[dict]:
 def epoch_times(log: Path) -> list[float]:
     """Seconds per epoch from train_log.jsonl (elapsed at the last step of each epoch)."""
     ends: dict[int, float] = {}
-    for line in log.read_text().splitlines():
-        r = json.loads(line)
+    for r in read_log(log):
         if r.get("type") == "train":
             ends[int(np.ceil(r["epoch"] - 1e-9))] = r["elapsed_s"]
     marks = [0.0] + [ends[e] for e in sorted(ends)]

@@ -7,11 +7,10 @@ label, so neither side can skip work: the difference is what each implementation
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from .common import anchor, median_seconds, ours, peak_rss_mib, report, setup_threads
+from .common import anchor, median_seconds, ours, print_peak, report, setup_threads
 
 BATCH, SEQ = 4, 256
 
@@ -61,10 +60,7 @@ def run(runs: int = 5) -> str:
 def peak(which: str, n_layers: int) -> None:
     """One process, three steps: prints its peak resident memory (for bench.memory)."""
     setup_threads()
-    step = ours_step(n_layers) if which == "ours" else anchor_step(n_layers)
-    for _ in range(3):
-        step()
-    print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
+    print_peak(ours_step(n_layers) if which == "ours" else anchor_step(n_layers), times=3)
 
 
 if __name__ == "__main__":
