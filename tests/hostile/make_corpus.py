@@ -164,13 +164,20 @@ def gguf_tensors() -> list[tuple[str, np.ndarray]]:
              "feed_forward.w1.weight": "ffn_gate.weight", "feed_forward.w3.weight": "ffn_up.weight",
              "feed_forward.w2.weight": "ffn_down.weight", "attention_norm.weight": "attn_norm.weight",
              "ffn_norm.weight": "ffn_norm.weight"}
-    out = []
-    for key, array in tiny_tensors().items():
+    return list(renamed(tiny_tensors(), names, "blk.", layer).items())
+
+
+def renamed(tensors: dict[str, np.ndarray], names: dict[str, str], layer_prefix: str,
+            layer_names: dict[str, str]) -> dict[str, np.ndarray]:
+    """Meta-named tensors under another format's names: `names` for the top level, `layer_prefix` +
+    index + `layer_names` inside layers (the mappings are restated here, not taken from the loaders)."""
+    out = {}
+    for key, array in tensors.items():
         if key.startswith("layers."):
             _, i, rest = key.split(".", 2)
-            out.append((f"blk.{i}.{layer[rest]}", array))
+            out[f"{layer_prefix}{i}.{layer_names[rest]}"] = array
         else:
-            out.append((names[key], array))
+            out[names[key]] = array
     return out
 
 
@@ -349,13 +356,7 @@ def hf_files(tensor_changes: dict[str, np.ndarray] | None = None, **config_chang
              "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
              "feed_forward.w2.weight": "mlp.down_proj.weight", "attention_norm.weight": "input_layernorm.weight",
              "ffn_norm.weight": "post_attention_layernorm.weight"}
-    tensors = {}
-    for key, array in {**tiny_tensors(), **(tensor_changes or {})}.items():
-        if key.startswith("layers."):
-            _, i, rest = key.split(".", 2)
-            tensors[f"model.layers.{i}.{layer[rest]}"] = array
-        else:
-            tensors[hf_names[key]] = array
+    tensors = renamed({**tiny_tensors(), **(tensor_changes or {})}, hf_names, "model.layers.", layer)
     config = {"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
               "num_key_value_heads": 1, "intermediate_size": 64, "vocab_size": 32, "max_position_embeddings": 64,
               "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
