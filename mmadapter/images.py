@@ -10,6 +10,8 @@ one canonical form, so this module produces exactly that:
 - a pixel-count cap checked from the header before any pixels are decoded (decompression bombs);
 - truncated, corrupt and non-image input rejected with an error naming the source.
 
+`fit_for_tower` is the size policy for what reaches a tower's preprocessing (see its docstring).
+
 `image_hash` keys the canonical pixels, so the same picture reached by path, bytes or PIL gets
 the same key.
 """
@@ -32,6 +34,10 @@ ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image,
 # 64 megapixels: larger than any camera photo people upload, and 192 MB as RGB. PIL's own
 # warning threshold (~89 Mpx) sits above it, so every image PIL would warn about fails here first.
 DEFAULT_MAX_PIXELS = 64_000_000
+
+# The longest side a picture keeps before the tower's "resize the short side, crop the centre"
+# preprocessing, as a multiple of its short side. Real photos (up to 4:1 panoramas) pass untouched.
+MAX_ASPECT_RATIO = 4
 
 # Modes whose samples do not fit in 8 bits; PIL's convert("L"/"RGB") clips them instead of scaling.
 _WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -79,6 +85,30 @@ def load_image(src: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         raise
     except Exception as e:  # corrupt EXIF or palette data surfaces here, after decoding
         raise ImageError(f"{name}: could not convert the image to RGB ({e})") from e
+
+
+def fit_for_tower(image: Image.Image, resize_mode: str = "shortest") -> Image.Image:
+    """Cut an extremely long picture down to MAX_ASPECT_RATIO around its centre before preprocessing.
+
+    open_clip's default ("shortest") preprocessing scales the short side to the input size and then
+    keeps the centre square, so a 30000x1 picture (169 bytes as PNG) first becomes 224 x 6.7M pixels,
+    about 7 GB. The crop keeps that centre square and a margin of more than its own width on each
+    side, so the tower sees the same pixels, while the resize is bounded to MAX_ASPECT_RATIO x input
+    size squared. Huge pictures are bounded by `load_image`'s pixel cap instead. The "longest" and
+    "squash" modes scale the long side down, so they never allocate more than the input size.
+    """
+    if resize_mode != "shortest":
+        return image
+    width, height = image.size
+    short = min(width, height)
+    keep = MAX_ASPECT_RATIO * short
+    if max(width, height) <= keep:
+        return image
+    if width > height:
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    top = (height - keep) // 2
+    return image.crop((0, top, width, top + keep))
 
 
 def image_hash(image: Image.Image) -> str:

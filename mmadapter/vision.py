@@ -32,6 +32,7 @@ from PIL import Image
 from torch import nn
 
 from .config import VisionConfig
+from .images import fit_for_tower
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,8 @@ class VisionWeightsError(RuntimeError):
 class VisionTower(nn.Module):
     """A frozen open_clip image tower returning multi-scale global features [B, feature_dim].
 
-    Attributes: feature_dim, preprocess (PIL RGB image -> [3, H, W] tensor, open_clip's eval
-    transform), image_size (H, W), weights_hash (sha256 prefix of the visual weights) and
+    Attributes: feature_dim, transform (open_clip's eval transform; use `preprocess`, which bounds
+    the picture first), image_size (H, W), weights_hash (sha256 prefix of the visual weights) and
     fingerprint (model, scales and weights_hash; keys cached features across processes).
     The tower stays in eval mode even when a parent module calls .train() (BatchNorm statistics
     and patch dropout must not change), and its parameters never require grad.
@@ -87,7 +88,8 @@ class VisionTower(nn.Module):
         self.n_scales = config.n_scales
         self.take_indices = self._scale_indices(visual, config.n_scales)
         self.feature_dim = self._feature_dim(visual)
-        self.preprocess: Callable[[Image.Image], torch.Tensor] = preprocess
+        self.transform: Callable[[Image.Image], torch.Tensor] = preprocess
+        self.resize_mode: str = visual.preprocess_cfg.get("resize_mode", "shortest")
         size = visual.preprocess_cfg["size"]
         self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
 
@@ -110,6 +112,11 @@ class VisionTower(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.visual.parameters()).device
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> [3, H, W]: open_clip's resize, crop and normalisation, after the size policy
+        of `fit_for_tower` (every image path, training, evaluation, app and API, comes through here)."""
+        return self.transform(fit_for_tower(image, self.resize_mode))
 
     def preprocess_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """RGB PIL images -> [B, 3, H, W] with open_clip's resize, crop and normalisation."""
