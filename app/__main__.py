@@ -39,12 +39,9 @@ def build_service(args: argparse.Namespace):
     model = load_base(args.base, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
     if args.vision:
         from mmadapter.config import VisionConfig
-        from mmadapter.feature_cache import FeatureCache
-        from mmadapter.vision import VisionTower
 
         name, _, pretrained = args.vision.partition(":")
-        model.vision = VisionTower(VisionConfig(model=name, pretrained=pretrained or None))
-        model.feature_cache = FeatureCache()
+        model.attach_vision(VisionConfig(model=name, pretrained=pretrained or None))
     adapters_dir = Path(args.adapters_dir)
     adapters = AdapterSet.from_folder(model, adapters_dir) if adapters_dir.is_dir() else AdapterSet(model)
     return ChatService(model, adapters, max_prompt_tokens=args.max_prompt_tokens)

@@ -83,7 +83,7 @@ def run(runs: int = 5) -> str:
         name = "fp32" if dtype == torch.float32 else "bf16"
         for label, adapter in (("base", None), ("adapter", model.adapter)):
             for b in (1, 8) if dtype == torch.float32 else (1,):
-                model.adapter = adapter
+                model.use_adapter(adapter)
                 tps = tokens_per_s(ours_fn(model, b), b, runs)
                 results[(name, label, b)] = tps
                 share = f"{100 * tps / bound:.0f}% of {bound:.0f}" if b == 1 else ""

@@ -153,7 +153,7 @@ def fixed_batches(questions: Sequence[Question], batch_size: int) -> list[list[Q
 
 def option_logprobs(model: MMAdapter, questions: Sequence[Question], images: Sequence[Any]) -> list[list[float]]:
     """Log-probability of each option's letter token, one right-padded forward pass for the batch."""
-    device = model.base.tok_embeddings.weight.device
+    device = model.device
     lengths = torch.tensor([len(q.ids) for q in questions], device=device)
     tokens = torch.full((len(questions), int(lengths.max())), model.tokenizer.pad_id, dtype=torch.long, device=device)
     for row, q in enumerate(questions):  # right padding: causal attention keeps it out of the real positions

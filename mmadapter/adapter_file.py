@@ -141,9 +141,9 @@ def load_adapter(model: MMAdapter, path: str | os.PathLike, *, activate: bool = 
     check_base(meta, model, str(path), allow_base_mismatch)
     if meta.vision is not None:
         _ensure_tower(model, meta, str(path))
-    adapter = build_adapter(meta, tensors, str(path)).to(model.base.tok_embeddings.weight.device)
+    adapter = build_adapter(meta, tensors, str(path)).to(model.device)
     if activate:
-        model.adapter = adapter
+        model.use_adapter(adapter)
     return adapter
 
 
@@ -189,13 +189,9 @@ def check_base(meta: AdapterMeta, model: MMAdapter, source: str, allow_mismatch:
 
 
 def _ensure_tower(model: MMAdapter, meta: AdapterMeta, source: str) -> None:
-    from .feature_cache import FeatureCache
-    from .vision import VisionTower
-
     want = meta.vision
     if model.vision is None:
-        model.vision = VisionTower(want).to(model.base.tok_embeddings.weight.device)
-        model.feature_cache = model.feature_cache or FeatureCache()
+        model.attach_vision(want)
     have = model.vision.config
     same = (have.model == want.model and have.n_scales == want.n_scales
             and model.vision.feature_dim == meta.feature_dim

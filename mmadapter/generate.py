@@ -60,7 +60,7 @@ def sample(logits: Tensor, s: Sampling, generator: torch.Generator | None) -> Te
 def decode_tokens(base: Llama, prompts: Sequence[Sequence[int]], adapter: AdapterKV | None, s: Sampling,
                   eos_ids: Sequence[int]) -> Iterator[Tensor]:
     """Yield the next token of every sequence [B] per step; a finished sequence keeps yielding eos."""
-    device = base.tok_embeddings.weight.device
+    device = base.device
     b = len(prompts)
     longest = max(len(p) for p in prompts)
     if longest == 0:

@@ -131,7 +131,7 @@ def _new_adapter(prompts: Tensor, gates: Tensor, base: LlamaConfig, template: st
 
 
 def _to_model(adapter: Adapter, model: MMAdapter) -> Adapter:
-    return adapter.to(model.base.tok_embeddings.weight.device)
+    return adapter.to(model.device)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -240,9 +240,14 @@ class Llama(nn.Module):
         self.output = None if config.tie_embeddings else Linear(config.dim, config.vocab_size)
         self._rope: tuple[Tensor, Tensor] | None = None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live (the token embedding's device)."""
+        return self.tok_embeddings.weight.device
+
     def rope(self, length: int) -> tuple[Tensor, Tensor]:
         """cos/sin tables covering at least `length` positions, built lazily on the weights' device."""
-        device = self.tok_embeddings.weight.device
+        device = self.device
         if self._rope is None or self._rope[0].shape[0] < length or self._rope[0].device != device:
             size = max(length, min(self.config.max_seq_len, 4096))
             self._rope = rope_tables(self.config, size, device)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .adapter import Adapter
 from .config import AdapterConfig, VisionConfig
+from .feature_cache import FeatureCache
 from .generate import Sampling, TextStream, decode_tokens
 from .llama import AdapterKV, Llama
 from .loss import head_cross_entropy
@@ -28,14 +29,60 @@ class MMAdapter(nn.Module):
                  vision: nn.Module | None = None, base_name: str = "", base_fingerprint: str = "",
                  template: str | None = None) -> None:
         super().__init__()
-        self.base, self.tokenizer, self.adapter, self.vision = base, tokenizer, adapter, vision
+        self.base, self.tokenizer, self.adapter = base, tokenizer, adapter
         self.base_name, self.base_fingerprint = base_name, base_fingerprint
         self.template = template or ("chat" if tokenizer is not None and tokenizer.chat_template else "alpaca")
-        self.feature_cache = None
+        self.vision: nn.Module | None = None
+        self.feature_cache: FeatureCache | None = None
         if vision is not None:
-            from .feature_cache import FeatureCache
+            self.attach_vision(vision)
 
-            self.feature_cache = FeatureCache()
+    # ------------------------------------------------------------------------------------------
+    # composition: the only place that sets the parts of the model
+
+    @property
+    def device(self) -> torch.device:
+        """Where the base's weights live; inputs, adapters and towers are put there."""
+        return self.base.device
+
+    def attach_vision(self, vision: VisionConfig | nn.Module) -> nn.Module:
+        """Add a frozen image tower (built from a VisionConfig, or given) on the base's device.
+
+        A model with a tower always has a feature cache; an existing one is kept (it keys features by
+        tower fingerprint, so features of another tower are never read back).
+        """
+        if isinstance(vision, VisionConfig):
+            from .vision import VisionTower
+
+            vision = VisionTower(vision)
+        self.vision = vision.to(self.device).requires_grad_(False)
+        if self.feature_cache is None:
+            self.use_feature_cache(FeatureCache())
+        return self.vision
+
+    def detach_vision(self) -> None:
+        """Drop the image tower and its feature cache (a text-only model again)."""
+        self.vision, self.feature_cache = None, None
+
+    def use_feature_cache(self, cache: FeatureCache) -> None:
+        """Swap the cache of tower features (e.g. for one backed by a directory that survives runs)."""
+        self.feature_cache = cache
+
+    def use_adapter(self, adapter: Adapter | None) -> None:
+        """Make `adapter` the default of every call (None: the plain base); it moves to the base's device."""
+        self.adapter = None if adapter is None else adapter.to(self.device)
+
+    def freeze(self) -> None:
+        """Mark the base and the tower frozen: only the adapter's parameters can train."""
+        self.base.requires_grad_(False)
+        if self.vision is not None:
+            self.vision.requires_grad_(False)
+
+    def frozen_prefix(self, tokens: Tensor) -> Tensor:
+        """Hidden states [B, T, C] after the frozen layers below the adapter (what the prefix cache stores)."""
+        if self.adapter is None:
+            raise ValueError("the frozen prefix is the part below the adapter; this model has no adapter")
+        return self.base.prefix(tokens, n_layers=self.adapter.first_layer)
 
     # ------------------------------------------------------------------------------------------
     # building
@@ -46,8 +93,7 @@ class MMAdapter(nn.Module):
             torch.manual_seed(seed)
         vision_config = getattr(self.vision, "config", None)
         feature_dim = getattr(self.vision, "feature_dim", None)
-        device = self.base.tok_embeddings.weight.device
-        self.adapter = Adapter(config or AdapterConfig(), self.base.config, vision_config, feature_dim).to(device)
+        self.use_adapter(Adapter(config or AdapterConfig(), self.base.config, vision_config, feature_dim))
         return self.adapter
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -73,7 +119,7 @@ class MMAdapter(nn.Module):
 
     def image_features(self, images: Sequence[Any | None]) -> tuple[Tensor | None, Tensor]:
         """Tower features [B, F] for a batch where entries may be None (text-only), and has_image [B]."""
-        device = self.base.tok_embeddings.weight.device
+        device = self.device
         has_image = torch.tensor([im is not None for im in images], dtype=torch.bool, device=device)
         if not bool(has_image.any()):
             return None, has_image
@@ -251,11 +297,6 @@ def build_model(base: str | MMAdapter = DEFAULT_BASE, adapter: AdapterConfig | N
     """Base + a fresh adapter (+ a frozen CLIP tower and a projector when `vision` is given)."""
     model = base if isinstance(base, MMAdapter) else load_base(base, dtype=dtype, device=device)
     if vision is not None:
-        from .vision import VisionTower
-
-        model.vision = VisionTower(vision).to(model.base.tok_embeddings.weight.device)
-        from .feature_cache import FeatureCache
-
-        model.feature_cache = FeatureCache()
+        model.attach_vision(vision)
     model.add_adapter(adapter or AdapterConfig(), seed=seed)
     return model

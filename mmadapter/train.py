@@ -230,7 +230,7 @@ class Trainer:
                              "load a base with tokenizer files (tokenizer.json / tokenizer.model / GGUF)")
         if model.adapter is None:
             model.add_adapter(seed=config.seed)
-        self.device = model.base.tok_embeddings.weight.device
+        self.device = model.device
         self.dist = Distributed.setup(self.device)
         self.sharded = config.fsdp and self.dist.world > 1
         if self.sharded:
@@ -254,9 +254,7 @@ class Trainer:
     def setup(self) -> None:
         """Freeze the base, make the adapter fp32 and trainable, build the optimizer (decay groups)."""
         model = self.model
-        model.base.requires_grad_(False)
-        if model.vision is not None:
-            model.vision.requires_grad_(False)
+        model.freeze()
         adapter = model.adapter
         if any(p.dtype != torch.float32 for p in adapter.parameters()):
             adapter.float()  # trainable parameters (and so the optimizer state) are always fp32
@@ -301,8 +299,7 @@ class Trainer:
             prefix = None
             if self.prefix_cache is not None:
                 keys = [self.prefix_cache.key(data.samples[i].tokens) for i in indices]
-                first = model.adapter.first_layer
-                prefix = gather_prefix(self.prefix_cache, lambda t: model.base.prefix(t, first), tokens,
+                prefix = gather_prefix(self.prefix_cache, model.frozen_prefix, tokens,
                                        batch["lengths"].tolist(), keys)
             return model.loss(tokens, labels, features, has_image, prefix=prefix, reduction="sum")
 

@@ -71,7 +71,7 @@ def prepare_data(model: MMAdapter, source: Any, config: TrainConfig, template: s
             table, ok = image_feature_table(model, [first_source[k] for k in todo], config, dist)
             known.update({k: row if good else None for k, row, good in zip(todo, table, ok)})
         readable = [known[k] is not None for k in unique]
-        zeros = torch.zeros(model.vision.feature_dim, device=model.base.tok_embeddings.weight.device)
+        zeros = torch.zeros(model.vision.feature_dim, device=model.device)
         features = torch.stack([zeros if known[k] is None else known[k] for k in unique])  # [n_images, F]
     row_of = {k: i for i, k in enumerate(unique)}
     samples, rows = [], []
@@ -141,7 +141,7 @@ def image_feature_table(model: MMAdapter, images: list[Any], config: TrainConfig
     if config.feature_cache_dir:
         from .feature_cache import FeatureCache
 
-        model.feature_cache = FeatureCache(disk_dir=config.feature_cache_dir)
+        model.use_feature_cache(FeatureCache(disk_dir=config.feature_cache_dir))
     cache, tower = model.feature_cache, model.vision
     n, dim = len(images), tower.feature_dim
     table = torch.zeros(n, dim + 1)  # the last column is 1 where the image could be read
@@ -162,8 +162,7 @@ def image_feature_table(model: MMAdapter, images: list[Any], config: TrainConfig
         bar.update(min(len(chunk) * dist.world, n - bar.n))
     bar.close()
     table = dist.all_reduce(table)
-    device = model.base.tok_embeddings.weight.device
-    return table[:, :dim].to(device), [bool(x > 0) for x in table[:, dim]]
+    return table[:, :dim].to(model.device), [bool(x > 0) for x in table[:, dim]]
 
 
 def format_data_summary(name: str, s: Mapping[str, Any]) -> str:

@@ -170,7 +170,7 @@ def test_build_model_on_embedded_default_summarises_parts(smollm):
     model = build_model(smollm, AdapterConfig(), seed=0)
     text = model.summary()
     assert "prompts" in text and "gates" in text and f"{10 * 28 * 576:,}" in text
-    model.adapter = None  # leave the shared fixture as we found it
+    model.use_adapter(None)  # leave the shared fixture as we found it
 
 
 @pytest.mark.parametrize("prompt_batch", [1, 3])

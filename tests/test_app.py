@@ -32,7 +32,6 @@ def adapters_dir(smollm, tmp_path_factory):
     register_tiny_models(tmp_path_factory.mktemp("clip_cfg"))
     weights = tmp_path_factory.mktemp("clip") / "tiny_vit.safetensors"
     save_reference(TINY_VIT, weights, seed=0)
-    saved = smollm.adapter, smollm.vision, smollm.feature_cache
     build_model(smollm, AdapterConfig(n_prompts=10, n_layers=4), seed=1)
     with torch.no_grad():
         smollm.adapter.gates.fill_(0.3)
@@ -42,7 +41,8 @@ def adapters_dir(smollm, tmp_path_factory):
     with torch.no_grad():
         smollm.adapter.gates.fill_(0.3)
     save_adapter(smollm, d / "vision.safetensors")
-    smollm.adapter, smollm.vision, smollm.feature_cache = saved
+    smollm.use_adapter(None)  # leave the shared text-only base as we found it
+    smollm.detach_vision()
     (d / "broken.safetensors").write_bytes(b"not a safetensors file")
     return d
 
@@ -52,14 +52,13 @@ def app_url(smollm, adapters_dir):
     from app.service import ChatService
     from app.ui import build_demo
 
-    saved = smollm.vision, smollm.feature_cache
     service = ChatService(smollm, AdapterSet.from_folder(smollm, adapters_dir), max_prompt_tokens=256)
     demo = build_demo(service)
     demo.queue(default_concurrency_limit=2, max_size=16)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     yield url, service
     demo.close()
-    smollm.vision, smollm.feature_cache = saved
+    smollm.detach_vision()
 
 
 def ask(url: str, text: str, files=(), adapter=NO_ADAPTER, history=(), max_new_tokens=24) -> tuple[list, str]:

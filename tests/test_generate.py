@@ -19,7 +19,7 @@ def smollm_adapted(smollm):
     with torch.no_grad():
         smollm.adapter.gates.fill_(0.05)
     yield smollm
-    smollm.adapter = None
+    smollm.use_adapter(None)
 
 
 def test_stream_joined_equals_generate(smollm_adapted):
