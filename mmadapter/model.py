@@ -222,17 +222,24 @@ class MMAdapter(nn.Module):
 
     def generate(self, prompt: str | Sequence[str], image: Any = None, *, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] = (),
-                 seed: int | None = None, template: str | None = None,
+                 seed: int | None = None, template: str | None = None, history: Sequence[Any] = (),
                  adapter: Adapter | None = _UNSET) -> str | list[str]:
-        """Complete one prompt (returns str) or a batch (list of prompts, images: list; returns list)."""
+        """Complete one prompt (returns str) or a batch (list of prompts, images: list; returns list).
+
+        history: earlier (question, answer) turns of a chat; for a batch, one such list per prompt.
+        """
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         images = [image] if single else list(image) if image is not None else [None] * len(prompts)
         if len(images) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
+        histories = [history] if single else list(history) if history else [()] * len(prompts)
+        if len(histories) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(histories)} histories; for a batch pass one list of "
+                             "(question, answer) turns per prompt")
         s = Sampling(max_new_tokens, temperature, top_p, top_k, seed)
         streams = [TextStream(self._require_tokenizer(), stop) for _ in prompts]
-        ids = [self.prompt_ids(p, template, adapter=adapter) for p in prompts]
+        ids = [self.prompt_ids(p, template, h, adapter) for p, h in zip(prompts, histories)]
         for step in self._decode(ids, images, s, adapter):
             for stream, token in zip(streams, step.tolist()):
                 if not stream.stopped and token not in self.tokenizer.eos_ids:

@@ -110,3 +110,15 @@ def test_cached_decoding_with_adapter_and_image_equals_recomputation(tiny_hf, tm
         for _ in range(10):
             tokens.append(int(model(torch.tensor([tokens]), feats, has)[0, -1].argmax()))
     assert cached == tokens[len(prompt):]
+
+
+def test_generate_takes_history_like_stream(smollm):
+    history = [("My name is Ada.", "Nice to meet you, Ada!")]
+    question = "What is my name?"
+    with_history = smollm.generate(question, history=history, max_new_tokens=12)
+    assert with_history == "".join(smollm.stream(question, history=history, max_new_tokens=12))
+    assert "Ada" in with_history and "Ada" not in smollm.generate(question, max_new_tokens=12)
+    batch = smollm.generate([question, question], history=[history, []], max_new_tokens=12)
+    assert batch[0] == with_history
+    with pytest.raises(ValueError, match="one list of"):
+        smollm.generate([question, question], history=[history], max_new_tokens=2)
