@@ -8,14 +8,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mmadapter.commands.common import add_vision_arg
 from mmadapter.weights import DEFAULT_BASE
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=DEFAULT_BASE, help=f"base model (default: {DEFAULT_BASE})")
-    p.add_argument("--vision", default=None, metavar="MODEL[:PRETRAINED]",
-                   help="open_clip image tower for multimodal adapters, e.g. ViT-L-14:openai or "
-                        "ViT-L-14:/path/weights.safetensors (default: the tower each adapter file names)")
+    add_vision_arg(p, "where the image tower of the adapters trained with MODEL is, when not where their files "
+                      "say (default: each adapter gets the tower its file names)")
     p.add_argument("--adapters-dir", default="adapters", help="folder of adapter .safetensors files (default: ./adapters)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860)
@@ -37,13 +37,9 @@ def build_service(args: argparse.Namespace):
     from .service import ChatService
 
     model = load_base(args.base, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
-    if args.vision:
-        from mmadapter.config import VisionConfig
-
-        name, _, pretrained = args.vision.partition(":")
-        model.attach_vision(VisionConfig(model=name, pretrained=pretrained or None))
     adapters_dir = Path(args.adapters_dir)
-    adapters = AdapterSet.from_folder(model, adapters_dir) if adapters_dir.is_dir() else AdapterSet(model)
+    adapters = AdapterSet.from_folder(model, adapters_dir, vision=args.vision) if adapters_dir.is_dir() \
+        else AdapterSet(model, args.vision)
     return ChatService(model, adapters, max_prompt_tokens=args.max_prompt_tokens)
 
 

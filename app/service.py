@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmadapter.adapter_set import NO_ADAPTER, AdapterSet
+from mmadapter.config import SELF_CONTAINED_TOWERS
 from mmadapter.images import ImageError, load_image
 from mmadapter.model import MMAdapter
 
@@ -51,14 +52,16 @@ class ChatService:
         """What is loaded, with a visible warning when the image tower has random weights."""
         m = self.model
         lines = [f"**Base:** `{m.base_name}` ({m.base.config.n_layers} layers, dim {m.base.config.dim})"]
-        if m.vision is None:
-            lines.append("**Vision tower:** none — images need a multimodal adapter or `--vision`")
-        else:
-            weights = Path(m.vision.config.pretrained).name if m.vision.config.pretrained else "random"  # no server paths
-            lines.append(f"**Vision tower:** `{m.vision.config.model}` ({weights})")
-            if m.vision.config.pretrained is None:
-                lines.append(f"{WARN}**The vision tower has random weights: answers about images are meaningless.** "
-                             "Start the app with `--vision ViT-L-14:openai` (or a local weights file).")
+        towers = list({id(t): t for t in (m.vision, *m.towers.values()) if t is not None}.values())
+        if not towers:
+            lines.append("**Vision tower:** none — images need a multimodal adapter")
+        for tower in towers:  # each multimodal adapter has the tower it was trained with
+            weights = Path(tower.config.pretrained).name if tower.config.pretrained else "random"  # no server paths
+            lines.append(f"**Vision tower:** `{Path(tower.config.model).name}` ({weights})")
+            if tower.config.pretrained is None and not tower.config.model.startswith(SELF_CONTAINED_TOWERS):
+                lines.append(f"{WARN}**The vision tower `{tower.config.model}` has random weights: answers about "
+                             "images are meaningless.** Its adapters were trained over it; train one over real CLIP "
+                             "weights (`--vision ViT-L-14:openai`) for images that mean something.")
         lines.append(f"**Adapters:** {', '.join(f'`{n}`' for n in self.adapters.names())}")
         for path, error in self.adapters.errors.items():
             lines.append(f"{WARN}`{Path(path).name}` could not be loaded: {error}")

@@ -3,7 +3,8 @@
 The adapter is a separate module from the frozen base, so one base can serve several adapters and
 only adapter tensors are ever saved. It holds
   prompts   [L, K, C]  P_l, N(0, std) like the reference's nn.Embedding init,
-  gates     [L, H]     g_l, zero-init: the model equals the base exactly at step 0,
+  gates     [L, H]     g_l, zero-init: the model equals the base exactly at step 0 ([L, 1] with
+                       AdapterConfig(gate="per-layer"): one gate shared by the heads of a layer),
   projector (optional) the vision MLP that turns multi-scale CLIP features into one image token I_p.
 For sample b in layer l the prompt is P_l + I_p[b] (DESIGN.md §2); text-only samples use P_l.
 """
@@ -28,7 +29,7 @@ class Adapter(nn.Module):
         self.first_layer = base.n_layers - n_layers
         self.template: str | None = None  # the prompt template it was trained with, when known
         self.prompts = nn.Parameter(torch.randn(n_layers, config.n_prompts, base.dim) * config.prompt_init_std)
-        self.gates = nn.Parameter(torch.zeros(n_layers, base.n_heads))
+        self.gates = nn.Parameter(torch.zeros(n_layers, config.n_gates(base.n_heads)))  # [L, H] or [L, 1]
         self.projector: nn.Module | None = None
         if vision is not None:
             if feature_dim is None:
@@ -36,6 +37,12 @@ class Adapter(nn.Module):
             from .vision import Projector
 
             self.projector = Projector(feature_dim, base.dim, vision.projector_hidden)
+        self.use_tower(None)
+
+    def use_tower(self, tower: nn.Module | None) -> None:
+        """The image tower this adapter was trained with (None: the model's). Held, not owned: it is
+        no submodule, so it is never saved with the adapter and adapters trained over one tower share it."""
+        self.__dict__["tower"] = tower
 
     @property
     def n_layers(self) -> int:
@@ -58,7 +65,8 @@ class Adapter(nn.Module):
             if image_tokens is not None:
                 prompt = prompt + image_tokens[:, None, :]  # [B, K, C]
             kv.append(base.layers[self.first_layer + i].attention.project_prompt(prompt))
-        return AdapterKV(self.first_layer, kv, torch.tanh(self.gates))
+        gates = torch.tanh(self.gates).expand(self.n_layers, self.base_config.n_heads)  # [L, H]
+        return AdapterKV(self.first_layer, kv, gates)
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters by part, for the model summary."""

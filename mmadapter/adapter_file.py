@@ -131,17 +131,20 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterMeta, dict[str, torch.
 
 
 def load_adapter(model: MMAdapter, path: str | os.PathLike, *, activate: bool = True,
-                 allow_base_mismatch: bool = False) -> Adapter:
-    """Build the adapter stored at `path` over `model`'s base (and tower), checking they match.
+                 allow_base_mismatch: bool = False, vision: VisionConfig | str | None = None) -> Adapter:
+    """Build the adapter stored at `path` over `model`'s base, with the image tower it was trained with.
 
-    The tower is built from the file's vision config when the model has none; a model whose tower
-    differs from the one the adapter was trained with is refused.
+    The tower comes from the file's vision config; `vision` (a VisionConfig or `MODEL[:WEIGHTS]`) points
+    at it elsewhere, e.g. moved weights, for adapters trained with that tower model. The model's own tower is used when it is that tower;
+    otherwise the adapter gets its own, shared with other adapters trained over the same tower. A tower
+    whose weights differ from the ones the adapter was trained with is refused.
     """
     meta, tensors = read_adapter(path)
     check_base(meta, model, str(path), allow_base_mismatch)
-    if meta.vision is not None:
-        _ensure_tower(model, meta, str(path))
+    tower = _tower_for(model, meta, str(path), vision) if meta.vision is not None else None
     adapter = build_adapter(meta, tensors, str(path)).to(model.device)
+    if tower is not model.vision:
+        adapter.use_tower(tower)
     if activate:
         model.use_adapter(adapter)
     return adapter
@@ -188,17 +191,50 @@ def check_base(meta: AdapterMeta, model: MMAdapter, source: str, allow_mismatch:
             "same model in another format or quantisation")
 
 
-def _ensure_tower(model: MMAdapter, meta: AdapterMeta, source: str) -> None:
+def _tower_for(model: MMAdapter, meta: AdapterMeta, source: str, given: VisionConfig | str | None):
+    """The tower `meta` was trained with: the model's when it is that one, else one built (and kept
+    in model.towers by its spec, so adapters trained over the same tower share it)."""
+    from .vision import VisionTower
+
     want = meta.vision
-    if model.vision is None:
-        model.attach_vision(want)
-    have = model.vision.config
-    same = (have.model == want.model and have.n_scales == want.n_scales
-            and model.vision.feature_dim == meta.feature_dim
-            and (not want.weights_hash or model.vision.weights_hash.startswith(want.weights_hash)))
-    if not same:
+    given = VisionConfig.from_spec(given) if isinstance(given, str) else given
+    if given is not None and _same_model(given.model, want.model):  # where the tower is now; the file's shape
+        want = VisionConfig.from_dict({**want.to_dict(), "model": given.model, "pretrained": given.pretrained})
+    if model.vision is not None and _same_tower(model.vision, want, meta.feature_dim):
+        return model.vision
+    towers = model.towers
+    key = (want.spec, want.n_scales, want.seed)
+    if key not in towers:
+        try:
+            towers[key] = VisionTower(want).to(model.device).requires_grad_(False)
+        except (ValueError, OSError, RuntimeError) as e:
+            raise AdapterFileError(
+                f"{source}: cannot build the image tower this adapter was trained with ({want.spec}): {e}. "
+                f"If the tower's weights moved, point at them: --vision {want.model}:/path/to/weights "
+                "(vision='MODEL:WEIGHTS' in Python)") from e
+    tower = towers[key]
+    if not _same_tower(tower, want, meta.feature_dim):
         raise AdapterFileError(
-            f"{source}: trained with the image tower {want.model} (pretrained={want.pretrained}, "
-            f"{want.n_scales} scales, weights {want.weights_hash}) but this model's tower is {have.model} "
-            f"(pretrained={have.pretrained}, {have.n_scales} scales, weights {model.vision.weights_hash[:16]}); "
-            "use the tower the adapter was trained with")
+            f"{source}: trained with the image tower {want.spec} ({want.n_scales} scales, weights "
+            f"{want.weights_hash}) but the tower built from it has weights {tower.weights_hash[:16]} "
+            f"({tower.feature_dim} features): other weights than in training. Point at the tower's original "
+            f"weights with --vision {want.model}:/path/to/weights (vision='MODEL:WEIGHTS' in Python)")
+    if model.vision is None:  # the first tower becomes the model's (training and text+image calls use it)
+        model.attach_vision(tower)
+    return tower
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Does a tower given by the user name the file's tower model? Self-contained towers (local-dir:,
+    hf-hub:) are named by where they are, so any of them may stand for another (the weights hash decides)."""
+    from .config import SELF_CONTAINED_TOWERS
+
+    if a.startswith(SELF_CONTAINED_TOWERS) and b.startswith(SELF_CONTAINED_TOWERS):
+        return True
+    return a.replace("/", "-") == b.replace("/", "-")
+
+
+def _same_tower(tower: Any, want: VisionConfig, feature_dim: int | None) -> bool:
+    have = tower.config
+    return (have.model == want.model and have.n_scales == want.n_scales and tower.feature_dim == feature_dim
+            and (not want.weights_hash or tower.weights_hash.startswith(want.weights_hash)))

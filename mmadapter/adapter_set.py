@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .adapter import Adapter
+from .config import VisionConfig
 from .interop import PEFT_CONFIG, import_adapter
 
 if TYPE_CHECKING:
@@ -27,29 +28,31 @@ ADAPTER_SUFFIXES = (".safetensors", ".pth", ".pt")
 
 
 class AdapterSet:
-    def __init__(self, model: MMAdapter) -> None:
-        self.model = model
+    def __init__(self, model: MMAdapter, vision: VisionConfig | str | None = None) -> None:
+        """vision: where the image tower of adapters trained with that tower model is (`MODEL[:WEIGHTS]`);
+        every multimodal adapter gets the tower it was trained with, shared when identical."""
+        self.model, self.vision = model, vision
         self._adapters: dict[str, Adapter | None] = {NO_ADAPTER: None}
         self.sources: dict[str, str] = {}
         self.errors: dict[str, str] = {}  # path -> why it did not load
 
     @classmethod
-    def from_paths(cls, model: MMAdapter, paths: Iterable[str | os.PathLike], *,
-                   allow_base_mismatch: bool = False) -> AdapterSet:
-        adapters = cls(model)
+    def from_paths(cls, model: MMAdapter, paths: Iterable[str | os.PathLike], *, allow_base_mismatch: bool = False,
+                   vision: VisionConfig | str | None = None) -> AdapterSet:
+        adapters = cls(model, vision)
         for path in paths:
             adapters.try_load(path, allow_base_mismatch=allow_base_mismatch)
         return adapters
 
     @classmethod
-    def from_folder(cls, model: MMAdapter, folder: str | os.PathLike, *,
-                    allow_base_mismatch: bool = False) -> AdapterSet:
+    def from_folder(cls, model: MMAdapter, folder: str | os.PathLike, *, allow_base_mismatch: bool = False,
+                    vision: VisionConfig | str | None = None) -> AdapterSet:
         """Every adapter in `folder`: *.safetensors (ours or PEFT), V1 *.pth, PEFT sub-directories."""
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: no such adapter directory")
         found = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and _is_adapter(p))
-        return cls.from_paths(model, found, allow_base_mismatch=allow_base_mismatch)
+        return cls.from_paths(model, found, allow_base_mismatch=allow_base_mismatch, vision=vision)
 
     def add(self, name: str, adapter: Adapter | None, source: str = "") -> None:
         if name in self._adapters:
@@ -63,7 +66,7 @@ class AdapterSet:
         name = name or (path.stem if path.is_file() else path.name)
         if name in self._adapters:
             raise ValueError(f"{path}: an adapter named {name!r} is already in the set; pass another name")
-        adapter = import_adapter(self.model, path, allow_base_mismatch=allow_base_mismatch)
+        adapter = import_adapter(self.model, path, allow_base_mismatch=allow_base_mismatch, vision=self.vision)
         self.add(name, adapter, str(path))
         return name
 

@@ -6,8 +6,10 @@ Exit codes: 0 success, 2 bad input or a failed load (the message says what to do
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -26,14 +28,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """parse_args, but an unknown flag is reported with the usage of the command it was given to."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = _subcommands(parser)[args.command]
+        if getattr(args, "benchmark", None):  # `eval BENCHMARK`: one level deeper
+            command = _subcommands(command)[args.benchmark]
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`mmadapter info ... | head`): not an error of ours
+        with contextlib.suppress(OSError, ValueError):  # no second complaint when Python flushes at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, OSError, RuntimeError) as e:  # our errors carry a full message; no traceback for users
         if args.verbose:
             raise

@@ -99,17 +99,31 @@ LLAMA_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+GATE_KINDS = ("per-head", "per-layer")
+
+
 @dataclass(frozen=True)
 class AdapterConfig(_Serialisable):
     """Zero-init gated adaptation prompts (LLaMA-Adapter, arXiv 2303.16199).
 
     n_prompts is K (prompts per adapted layer); n_layers is L (the top L layers are adapted).
     None means "all but the bottom two", the reference's 30 of 32 for LLaMA-7B.
+    gate: "per-head" (one gate per attention head, as in the V1 training code) or "per-layer" (one
+    gate per layer, PEFT AdaptionPrompt's layout: such adapters export to PEFT).
     """
 
     n_prompts: int = 10
     n_layers: int | None = None
     prompt_init_std: float = 1.0
+    gate: str = "per-head"
+
+    def __post_init__(self) -> None:
+        if self.gate not in GATE_KINDS:
+            raise ValueError(f"AdapterConfig.gate={self.gate!r}: use one of {', '.join(GATE_KINDS)}")
+
+    def n_gates(self, n_heads: int) -> int:
+        """Gates per adapted layer."""
+        return n_heads if self.gate == "per-head" else 1
 
     def adapted_layers(self, n_base_layers: int) -> int:
         n = max(n_base_layers - 2, 1) if self.n_layers is None else self.n_layers
@@ -125,7 +139,8 @@ class VisionConfig(_Serialisable):
     """A frozen open_clip image tower and the trainable projector to one image token.
 
     pretrained: an open_clip tag (e.g. "openai"), a local checkpoint path, or None for random
-    weights (answers about images are then meaningless; a warning says so).
+    weights (answers about images are then meaningless; a warning says so). `from_spec` reads the
+    command line's `MODEL[:WEIGHTS]`.
     """
 
     model: str = "ViT-L-14"
@@ -133,3 +148,32 @@ class VisionConfig(_Serialisable):
     n_scales: int = 4
     projector_hidden: int = 128
     weights_hash: str | None = None  # sha256 prefix of the tower's weights, filled in when built
+    seed: int = 0  # random weights (pretrained=None) come from this seed, so the same tower is built again
+
+    @classmethod
+    def from_spec(cls, spec: str, **fields: Any) -> VisionConfig:
+        """The `MODEL[:WEIGHTS]` spelling every command takes: WEIGHTS is an open_clip tag, a local
+        checkpoint file or `none` (random weights); without it, the default tag. Models named
+        `hf-hub:...` or `local-dir:...` carry their own weights."""
+        spec = spec.strip()
+        if not spec:
+            raise ValueError("empty --vision: use MODEL[:WEIGHTS], e.g. ViT-L-14:openai")
+        if spec.startswith(SELF_CONTAINED_TOWERS):
+            return cls(model=spec, pretrained=None, **fields)
+        model, sep, weights = spec.partition(":")
+        if sep and not weights:
+            raise ValueError(f"--vision {spec!r}: nothing after ':'; use MODEL:TAG, MODEL:/path/to/weights or "
+                             f"MODEL:{RANDOM_WEIGHTS} (random weights)")
+        pretrained = None if weights.lower() == RANDOM_WEIGHTS else weights or cls.pretrained
+        return cls(model=model, pretrained=pretrained, **fields)
+
+    @property
+    def spec(self) -> str:
+        """This tower as `MODEL[:WEIGHTS]` (the inverse of from_spec)."""
+        if self.model.startswith(SELF_CONTAINED_TOWERS):
+            return self.model
+        return f"{self.model}:{self.pretrained or RANDOM_WEIGHTS}"
+
+
+SELF_CONTAINED_TOWERS = ("hf-hub:", "local-dir:")  # open_clip names whose weights come with the name
+RANDOM_WEIGHTS = "none"

@@ -19,8 +19,8 @@ PEFT AdaptionPrompt (peft/tuners/adaption_prompt/, `adapter_config.json` + `adap
   config: peft_type "ADAPTION_PROMPT", adapter_len K, adapter_layers L (the top L), target_modules.
   PEFT repeats kv heads for GQA as we do (query head h reads kv head h // (H/G)), so prompts map 1:1.
   Gates: our per-head g, all equal, export as a = tanh(g); a PEFT gate a with |a| < 1 imports as
-  g = atanh(a) on every head. |a| >= 1 has no tanh pre-image: refused, never clipped. Per-head gates
-  that differ, or a projector (images), have no PEFT equivalent: refused.
+  g = atanh(a) in an adapter with one gate per layer. |a| >= 1 has no tanh pre-image: refused, never
+  clipped. Per-head gates that differ, or a projector (images), have no PEFT equivalent: refused.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from torch import Tensor
 from .adapter import Adapter
 from .adapter_file import METADATA_KEY, AdapterFileError, AdapterMeta, build_adapter, load_adapter, read_adapter
 from .atomic import atomic_save, atomic_write_text
-from .config import AdapterConfig, LlamaConfig
+from .config import AdapterConfig, LlamaConfig, VisionConfig
 from .safe_io import load_torch_weights
 
 if TYPE_CHECKING:
@@ -96,10 +96,11 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def import_adapter(model: MMAdapter, path: str | os.PathLike, fmt: str | None = None, *,
                    n_prompts: int | None = None, n_layers: int | None = None,
-                   allow_base_mismatch: bool = False) -> Adapter:
+                   allow_base_mismatch: bool = False, vision: VisionConfig | str | None = None) -> Adapter:
     """An adapter of any supported format built over `model`'s base (not activated).
 
-    n_prompts / n_layers override K / L for V1 files, which do not store K.
+    n_prompts / n_layers override K / L for V1 files, which do not store K; `vision` is where the image
+    tower of a multimodal mmadapter file is (see `load_adapter`).
     """
     fmt = fmt or detect_format(path)
     if fmt not in FORMATS:
@@ -107,7 +108,7 @@ def import_adapter(model: MMAdapter, path: str | os.PathLike, fmt: str | None = 
     if fmt != "v1" and (n_prompts is not None or n_layers is not None):
         raise InteropError(f"{path}: K and L overrides only apply to V1 files; a {fmt} adapter stores its shape")
     if fmt == "mmadapter":
-        return load_adapter(model, path, activate=False, allow_base_mismatch=allow_base_mismatch)
+        return load_adapter(model, path, activate=False, allow_base_mismatch=allow_base_mismatch, vision=vision)
     if fmt == "peft":
         return load_peft(model, path)
     return load_v1(model, path, n_prompts=n_prompts, n_layers=n_layers)
@@ -120,9 +121,10 @@ def adapter_from_file(path: str | os.PathLike) -> tuple[AdapterMeta, Adapter]:
 
 
 def _new_adapter(prompts: Tensor, gates: Tensor, base: LlamaConfig, template: str | None) -> Adapter:
-    """An Adapter holding prompts [L, K, C] and raw gates [L, H] over `base`."""
+    """An Adapter holding prompts [L, K, C] and raw gates [L, H] (or [L, 1]: one per layer) over `base`."""
     n_layers, n_prompts, _ = prompts.shape
-    adapter = Adapter(AdapterConfig(n_prompts=n_prompts, n_layers=n_layers), base)
+    gate = "per-layer" if gates.shape[1] == 1 else "per-head"
+    adapter = Adapter(AdapterConfig(n_prompts=n_prompts, n_layers=n_layers, gate=gate), base)
     with torch.no_grad():
         adapter.prompts.copy_(prompts)
         adapter.gates.copy_(gates)
@@ -230,7 +232,9 @@ def v1_to_adapter(state: dict[str, Tensor], base: LlamaConfig, n_prompts: int | 
         rows.append(g.float())
     log.info("%s: K=%d prompts x L=%d layers (%s)", source, k, n, how)
     prompts = query.float().reshape(n, k, base.dim)  # [L, K, C], bottom adapted layer first
-    return _new_adapter(prompts, torch.stack(rows), base, V1_TEMPLATE)
+    scalar = all(gates[i].numel() == 1 for i in range(first, base.n_layers))
+    stacked = torch.stack([r[:1] for r in rows]) if scalar else torch.stack(rows)  # [L, 1]: one gate per layer
+    return _new_adapter(prompts, stacked, base, V1_TEMPLATE)
 
 
 def load_v1(model: MMAdapter, path: str | os.PathLike, n_prompts: int | None = None,
@@ -317,7 +321,7 @@ def peft_to_adapter(config: dict[str, Any], tensors: dict[str, Tensor], base: Ll
         raise InteropError(f"{source}: gate values with |a| >= 1 ({shown}) cannot be represented: mmadapter "
                            "applies tanh to its gates (as LLaMA-Adapter does) and tanh stays inside (-1, 1). "
                            "Nothing was clipped; such an adapter has no exact mmadapter equivalent")
-    gate = torch.atanh(raw).float()[:, None].expand(n, base.n_heads)  # [L, H]
+    gate = torch.atanh(raw).float()[:, None]  # [L, 1]: PEFT's one gate per layer
     stacked = torch.cat([prompts[i].float() for i in layers])  # [L, K, C]
     return _new_adapter(stacked, gate, base, None)
 
@@ -339,8 +343,8 @@ def adapter_to_peft(adapter: Adapter, base_name: str = "") -> tuple[dict[str, An
             raise InteropError(
                 f"layer {adapter.first_layer + j} has different gates per head (tanh(g) from "
                 f"{float(torch.tanh(row.min())):.4g} to {float(torch.tanh(row.max())):.4g}); PEFT AdaptionPrompt "
-                "keeps one gate per layer, so this adapter cannot be exported without changing its outputs (adapters "
-                "with one gate per layer, e.g. imported from PEFT or V1 scalar gates, export fine)")
+                "keeps one gate per layer, so this adapter cannot be exported without changing its outputs. Train "
+                "with one gate per layer (--gate per-layer, AdapterConfig(gate='per-layer')) to export to PEFT")
     prompts = adapter.prompts.detach().to("cpu", torch.float32)  # [L, K, C]
     tensors: dict[str, Tensor] = {}
     for j in range(adapter.n_layers):

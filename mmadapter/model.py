@@ -34,6 +34,7 @@ class MMAdapter(nn.Module):
         self.template = template or ("chat" if tokenizer is not None and tokenizer.chat_template else "alpaca")
         self.vision: nn.Module | None = None
         self.feature_cache: FeatureCache | None = None
+        self.towers: dict[tuple, nn.Module] = {}  # towers built for loaded adapters, by spec (not submodules)
         if vision is not None:
             self.attach_vision(vision)
 
@@ -117,17 +118,26 @@ class MMAdapter(nn.Module):
     # ------------------------------------------------------------------------------------------
     # forward passes
 
-    def image_features(self, images: Sequence[Any | None]) -> tuple[Tensor | None, Tensor]:
+    def tower_for(self, adapter: Adapter | None = _UNSET) -> nn.Module | None:
+        """The image tower an adapter was trained with (its own when it differs from the model's)."""
+        adapter = self.adapter if adapter is _UNSET else adapter
+        return getattr(adapter, "tower", None) or self.vision
+
+    def image_features(self, images: Sequence[Any | None],
+                       adapter: Adapter | None = _UNSET) -> tuple[Tensor | None, Tensor]:
         """Tower features [B, F] for a batch where entries may be None (text-only), and has_image [B]."""
         device = self.device
         has_image = torch.tensor([im is not None for im in images], dtype=torch.bool, device=device)
         if not bool(has_image.any()):
             return None, has_image
-        if self.vision is None or self.feature_cache is None:
-            raise ValueError("an image was given but this model has no vision tower; build it with "
-                             "vision=VisionConfig(...) or load a multimodal adapter")
+        tower = self.tower_for(adapter)
+        if tower is None:
+            raise ValueError("an image was given but this model has no vision tower: load a multimodal adapter "
+                             "(one trained with images)")
+        if self.feature_cache is None:  # the tower is an adapter's own and the model has none
+            self.use_feature_cache(FeatureCache())
         present = [im for im in images if im is not None]
-        feats = self.feature_cache.features(self.vision, present).to(device)  # [n_present, F]
+        feats = self.feature_cache.features(tower, present).to(device)  # [n_present, F]
         out = feats.new_zeros(len(images), feats.shape[-1])
         out[has_image] = feats
         return out, has_image
@@ -276,7 +286,7 @@ class MMAdapter(nn.Module):
     def _decode(self, prompts: list[list[int]], images: list[Any], s: Sampling,
                 adapter: Adapter | None) -> Iterator[Tensor]:
         with torch.inference_mode():
-            feats, has_image = self.image_features(images)
+            feats, has_image = self.image_features(images, adapter)
             kv = self.adapter_kv(feats, has_image, adapter)  # once per request, reused by every step
         yield from decode_tokens(self.base, prompts, kv, s, self.tokenizer.eos_ids)
 

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .config import VisionConfig
+from .config import RANDOM_WEIGHTS, SELF_CONTAINED_TOWERS, VisionConfig
 from .images import fit_for_tower
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,11 @@ class VisionTower(nn.Module):
         _check_model_config(open_clip, name)
         pretrained, quick_gelu = _resolve_pretrained(open_clip, name, config.pretrained)
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained, force_quick_gelu=quick_gelu, weights_only=True
-            )
+            with torch.random.fork_rng(devices=[]):  # random weights from config.seed: built again the same
+                torch.manual_seed(config.seed)
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    name, pretrained=pretrained, force_quick_gelu=quick_gelu, weights_only=True
+                )
         except pickle.UnpicklingError as e:
             raise VisionWeightsError(
                 f"refusing to unpickle {pretrained}: it holds more than tensors ({e}). "
@@ -196,14 +198,14 @@ def weights_sha256(module: nn.Module) -> str:
 
 def _canonical_name(model_name: str) -> str:
     """open_clip accepts 'ViT-L/14' for 'ViT-L-14'; schema names ('hf-hub:org/repo') keep their slashes."""
-    if model_name.startswith(("hf-hub:", "local-dir:")):
+    if model_name.startswith(SELF_CONTAINED_TOWERS):
         return model_name
     return model_name.replace("/", "-")
 
 
 def _check_model_config(open_clip: Any, model_name: str) -> None:
     """Reject unknown names and unsupported tower types before any weights are downloaded."""
-    if model_name.startswith(("hf-hub:", "local-dir:")):
+    if model_name.startswith(SELF_CONTAINED_TOWERS):
         return  # the config lives with the weights; _tower_kind checks the built tower
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
@@ -245,20 +247,21 @@ def _resolve_pretrained(open_clip: Any, model_name: str, pretrained: str | None)
     Tags are checked against the local caches first so that an offline machine fails in seconds
     with a useful message instead of retrying downloads.
     """
-    if model_name.startswith(("hf-hub:", "local-dir:")):
+    if model_name.startswith(SELF_CONTAINED_TOWERS):
         if pretrained is not None:
             log.info("pretrained=%r is ignored: %s carries its own weights", pretrained, model_name)
         return None, False
     if pretrained is None:
         log.warning(
             "VISION TOWER %s HAS RANDOM WEIGHTS (pretrained=None): answers about images will be meaningless. "
-            "Pass an open_clip tag (e.g. 'openai') or a local checkpoint file.", model_name,
+            "Pass an open_clip tag (e.g. %s:openai) or a local checkpoint file (%s:/path/to/weights.safetensors).",
+            model_name, model_name, model_name,
         )
         return None, False
     path = Path(pretrained).expanduser()
     if path.is_file() or path.suffix in CHECKPOINT_SUFFIXES or os.sep in pretrained or "/" in pretrained:
         if not path.is_file():
-            raise VisionWeightsError(f"checkpoint file {pretrained} does not exist")
+            raise VisionWeightsError(f"the {model_name} tower's weights file {pretrained} does not exist")
         if path.suffix not in CHECKPOINT_SUFFIXES:
             raise VisionWeightsError(
                 f"{pretrained}: unsupported checkpoint type {path.suffix!r}; "
@@ -270,7 +273,7 @@ def _resolve_pretrained(open_clip: Any, model_name: str, pretrained: str | None)
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         raise VisionWeightsError(
             f"{pretrained!r} is neither a checkpoint file nor an open_clip tag for {model_name} "
-            f"(known tags: {', '.join(tags) or 'none'})"
+            f"(known tags: {', '.join(tags) or 'none'}); use {model_name}:{RANDOM_WEIGHTS} for random weights"
         )
     _require_tag_weights(model_name, pretrained, tag_cfg)
     return pretrained, bool(tag_cfg.get("quick_gelu", False))
@@ -306,9 +309,9 @@ def _require_tag_weights(model_name: str, tag: str, tag_cfg: dict[str, Any]) -> 
         return  # open_clip downloads them
     raise VisionWeightsError(
         f"the {model_name} '{tag}' CLIP weights ({source}) are not in the local cache and {reason}. "
-        f"Download them once where the hub is reachable, or pass a local checkpoint file: "
-        f"VisionConfig(model={model_name!r}, pretrained='/path/to/weights.safetensors') "
-        f"(.safetensors, .bin, .pt or .pth)"
+        f"Download them once where the hub is reachable, or pass a local checkpoint file as the tower: "
+        f"{model_name}:/path/to/weights.safetensors (.safetensors, .bin, .pt or .pth; --vision on the command "
+        f"line, VisionConfig.from_spec in Python)"
     )
 
 

@@ -65,7 +65,7 @@ def test_convert_and_info_round_trip(base, tmp_path, capsys):
     info = info_json(tmp_path / "ours.safetensors", capsys)
     assert info["base"]["fingerprint"] == model.base_fingerprint
     assert (info["adapter"]["n_prompts"], info["adapter"]["layers"], info["template"]) == (4, "1-3", "alpaca")
-    assert info["parameters"] == {"prompts": 3 * 4 * 64, "gates": 3 * 4, "total": 3 * 4 * 64 + 12}
+    assert info["parameters"] == {"prompts": 3 * 4 * 64, "gates": 3, "total": 3 * 4 * 64 + 3}  # one per layer
     assert info["training"]["imported_from"] == "v1"
 
     code, _, err = run(["convert", tmp_path / "ours.safetensors", tmp_path / "peft", "--to", "peft"], capsys)
@@ -176,3 +176,109 @@ def test_module_entry_point(tmp_path, monkeypatch, capsys):
         runpy.run_module("mmadapter", run_name="__main__")
     assert e.value.code == 2
     assert capsys.readouterr().err == f"mmadapter info: error: {tmp_path / 'nope.pth'}: no such file or directory\n"
+
+
+def test_vision_is_one_spelling_with_one_default_in_every_command(base, capsys):
+    from mmadapter.commands.train import resolve_options
+    from mmadapter.config import VisionConfig
+
+    def parsed(command, spec):
+        args = build_parser().parse_args([*command, "--vision", spec])
+        if command[0] == "train":
+            return VisionConfig.from_spec(resolve_options(args)[0].vision)
+        return args.vision
+
+    commands = [["chat"], ["eval", "scienceqa", "--data", "x"], ["serve"], ["train"]]
+    for command in commands:
+        assert parsed(command, "ViT-B-32") == VisionConfig(model="ViT-B-32", pretrained="openai")
+        assert parsed(command, "ViT-B-32:none") == VisionConfig(model="ViT-B-32", pretrained=None)
+        assert parsed(command, "ViT-B-32:/w/b32.safetensors").pretrained == "/w/b32.safetensors"
+        assert parsed(command, "local-dir:/towers/t") == VisionConfig(model="local-dir:/towers/t", pretrained=None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["chat", "--vision", "ViT-B-32:"])
+    assert "nothing after ':'" in capsys.readouterr().err
+    code, _, err = run(["chat", "--base", base, "--vision", "ViT-B-32", "--once", "hi"], capsys)
+    assert code == 2 and "--vision names the image tower of a multimodal adapter" in err
+
+
+def test_output_files_follow_the_umask(tmp_path):
+    import os
+
+    from mmadapter.atomic import atomic_write_text
+
+    before = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "b.json", "{}")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_info_names_the_embedded_model_and_a_closed_pipe_is_quiet():
+    import subprocess
+
+    from test_train import subprocess_env
+
+    proc = subprocess.Popen([sys.executable, "-m", "mmadapter", "info", "smollm2-135m-instruct"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env())
+    proc.stdout.close()  # like `| head` that already quit: every write hits a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert err == ""
+    proc = subprocess.run([sys.executable, "-m", "mmadapter", "info", "smollm2-135m-instruct", "--json"],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["format"] == "GGUF"
+
+
+def test_train_flags_usage_and_early_checks(tmp_path, capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--dtype {float32,bfloat16,float16}" in help_text and "None}" not in help_text
+    assert parser.parse_args(["train", "--dtype", "none"]).dtype is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--dtype", "float64"])
+    assert "invalid choice 'float64' (choose from float32, bfloat16, float16)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--foo"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: mmadapter train") and "unrecognized arguments: --foo" in err
+    data = tmp_path / "data.json"
+    data.write_text("[]")
+    nowhere = tmp_path / "no-base"  # checked after the inputs: an error about it means they passed
+    for flags, message in ((["--data", tmp_path / "missing.json"], "missing.json: no such data file"),
+                           (["--data", data, "--eval-data", tmp_path / "v.json"], "--eval-data"),
+                           (["--data", data, "--template", "bogus"], "unknown template 'bogus'"),
+                           (["--data", data, "--vision", "ViT-B-32:"], "nothing after ':'")):
+        code, _, err = run(["train", "--base", nowhere, "--output-dir", tmp_path / "run", *flags], capsys)
+        assert code == 2 and message in err and "no-base" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_in_chat_stops_the_answer_and_keeps_the_session(monkeypatch, capsys):
+    import builtins
+
+    from mmadapter.commands import chat
+
+    class Model:
+        def __init__(self):
+            self.histories = []
+
+        def stream(self, question, image, history, **kw):
+            self.histories.append(list(history))
+            yield "Once"
+            raise KeyboardInterrupt
+
+    model = Model()
+    monkeypatch.setattr(chat, "load_model", lambda args: model)
+    questions = iter(["Tell a story.", "Another?", ""])
+    monkeypatch.setattr(builtins, "input", lambda prompt: next(questions))
+    assert main(["chat"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "Once\nOnce\n" and "[stopped]" in err and "interrupted" not in err
+    assert model.histories == [[], [("Tell a story.", "Once")]]

@@ -155,7 +155,8 @@ def test_round_trips(bases):
     config, tensors = adapter_to_peft(ours)
     back = peft_to_adapter(config, tensors, model.base.config)
     assert torch.equal(back.prompts, ours.prompts)
-    torch.testing.assert_close(back.gates, ours.gates, atol=0, rtol=2e-6)  # atanh(tanh(g)) in float32
+    assert back.config.gate == "per-layer"  # PEFT's layout: one gate per layer
+    torch.testing.assert_close(back.gates.expand_as(ours.gates), ours.gates, atol=0, rtol=2e-6)  # atanh(tanh(g))
     tokens = _tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(tokens, adapter=back), model(tokens, adapter=ours), atol=1e-6, rtol=1e-6)
@@ -172,6 +173,39 @@ def test_peft_gates_outside_tanh_range_are_refused(bases):
         tensors["base_model.model.model.layers.3.self_attn.adaption_gate"] = torch.tensor([bad])
         with pytest.raises(InteropError, match=r"\|a\| >= 1.*cannot be represented.*Nothing was clipped"):
             peft_to_adapter(peft_config, tensors, config)
+
+
+@pytest.mark.parametrize("gate", ["per-layer", "per-head"])
+def test_trained_adapter_exports_to_peft_with_one_gate_per_layer(bases, tmp_path, gate):
+    """After a training step per-head gates differ (no PEFT equivalent); per-layer gates export, equal in PEFT."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from mmadapter.cli import main
+
+    model = load_base(str(bases["GQA"]))
+    adapter = model.add_adapter(AdapterConfig(n_prompts=4, n_layers=2, gate=gate), seed=1)
+    assert adapter.gates.shape == (2, 1 if gate == "per-layer" else 4)
+    tokens = _tokens()
+    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=1.0)
+    for _ in range(2):  # step 1 moves the gates only, step 2 the prompts too
+        model.loss(tokens, tokens).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    save_adapter(model, tmp_path / "mine.safetensors")
+    argv = [str(tmp_path / "mine.safetensors"), str(tmp_path / "peft"), "--to", "peft"]
+    if gate == "per-head":
+        with pytest.raises(InteropError, match="different gates per head.*--gate per-layer"):
+            adapter_to_peft(adapter)
+        assert main(["convert", *argv]) == 2
+        return
+    assert main(["convert", *argv]) == 0
+    hf = LlamaForCausalLM.from_pretrained(bases["GQA"]).eval()
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+    with torch.no_grad():
+        ours = model(tokens)
+        torch.testing.assert_close(ours, peft_model(tokens).logits, atol=1e-5, rtol=1e-5)
+        assert (ours - model(tokens, adapter=None)).abs().max() > 1e-3  # the trained adapter does something
 
 
 def test_export_refusals(bases):

@@ -92,14 +92,92 @@ def test_adapter_file_carries_the_vision_side(mm_model, tiny_hf, tmp_path):
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-def test_adapter_refuses_a_different_tower(mm_model, tiny_hf, tmp_path):
-    path = save_adapter(mm_model, tmp_path / "mm.safetensors")
-    other_weights = tmp_path / "other_vit.safetensors"
-    save_reference(TINY_VIT, other_weights, seed=1)
+def _answer_to_red(model, adapter=None):
+    """Logits for one token sequence about a red image, through `adapter` (default: the active one)."""
+    kw = {} if adapter is None else {"adapter": adapter}
+    with torch.no_grad():
+        return model(_tokens(1), *model.image_features(_images("red"), **kw), **kw)
+
+
+def test_each_adapter_gets_the_tower_it_was_trained_with(mm_model, tiny_hf, tmp_path):
+    """Two adapters over different towers in one set: both load and answer as each does alone."""
+    from mmadapter.adapter_set import AdapterSet
+
+    with torch.no_grad():
+        mm_model.adapter.gates.fill_(0.3)
+    first = save_adapter(mm_model, tmp_path / "first.safetensors")
     other = build_model(str(tiny_hf[0]), AdapterConfig(n_prompts=4, n_layers=2),
-                        VisionConfig(model=TINY_VIT, pretrained=str(other_weights), projector_hidden=16))
-    with pytest.raises(AdapterFileError, match="image tower"):
-        load_adapter(other, path)
+                        VisionConfig(model=TINY_VIT, pretrained=None, projector_hidden=16, seed=5), seed=3)
+    with torch.no_grad():
+        other.adapter.gates.fill_(0.3)
+    second = save_adapter(other, tmp_path / "second.safetensors")
+    third = tmp_path / "third.safetensors"  # trained over the same tower as first: shares it
+    third.write_bytes(first.read_bytes())
+
+    served = AdapterSet.from_paths(load_base(str(tiny_hf[0])), [first, second, third])
+    assert not served.errors, served.errors
+    model = served.model
+    torch.testing.assert_close(_answer_to_red(model, served.get("first")), _answer_to_red(mm_model), atol=0, rtol=0)
+    torch.testing.assert_close(_answer_to_red(model, served.get("second")), _answer_to_red(other), atol=0, rtol=0)
+    assert model.tower_for(served.get("third")) is model.tower_for(served.get("first"))  # shared, built once
+    assert model.tower_for(served.get("second")) is not model.tower_for(served.get("first"))
+    assert len({id(t) for t in (model.vision, *model.towers.values())}) == 2
+    # a model already holding another tower gives a loaded adapter its own, without replacing the model's
+    adapter = load_adapter(other, first)
+    assert other.tower_for(adapter) is not other.vision
+    torch.testing.assert_close(_answer_to_red(other, adapter), _answer_to_red(mm_model), atol=0, rtol=0)
+
+
+def test_moved_tower_weights_are_named_and_found_again_with_vision(mm_model, tiny_hf, tmp_path):
+    import shutil
+
+    weights = tmp_path / "vit.safetensors"
+    shutil.copy(mm_model.vision.config.pretrained, weights)
+    model = build_model(str(tiny_hf[0]), AdapterConfig(n_prompts=4, n_layers=2),
+                        VisionConfig(model=TINY_VIT, pretrained=str(weights), projector_hidden=16), seed=0)
+    with torch.no_grad():
+        model.adapter.gates.fill_(0.3)
+    path = save_adapter(model, tmp_path / "mm.safetensors")
+    moved = weights.rename(tmp_path / "moved.safetensors")
+    with pytest.raises(AdapterFileError) as info:
+        load_adapter(load_base(str(tiny_hf[0])), path)
+    message = str(info.value)
+    assert "image tower" in message and TINY_VIT in message and f"--vision {TINY_VIT}:/path/to/weights" in message
+    fresh = load_base(str(tiny_hf[0]))
+    load_adapter(fresh, path, vision=f"{TINY_VIT}:{moved}")
+    torch.testing.assert_close(_answer_to_red(fresh), _answer_to_red(model), atol=0, rtol=0)
+    save_reference(TINY_VIT, weights, seed=1)  # other weights where the file says: refused, not used
+    with pytest.raises(AdapterFileError, match="other weights than in training"):
+        load_adapter(load_base(str(tiny_hf[0])), path)
+
+
+def test_random_weight_tower_adapter_loads_again_in_a_new_process(tiny_hf, vit_weights, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = build_model(str(tiny_hf[0]), AdapterConfig(n_prompts=4, n_layers=2),
+                        VisionConfig(model=TINY_VIT, pretrained=None, projector_hidden=16), seed=0)
+    with torch.no_grad():
+        model.adapter.gates.fill_(0.3)
+    path = save_adapter(model, tmp_path / "random_tower.safetensors")
+    torch.save(_answer_to_red(model), tmp_path / "want.pt")
+    tests = Path(__file__).parent
+    script = f"""
+import sys, torch
+sys.path[:0] = [{str(tests)!r}, {str(tests.parent)!r}]
+from test_vision import register_tiny_models
+from test_multimodal import _answer_to_red
+from mmadapter import load_base
+from mmadapter.adapter_file import load_adapter
+register_tiny_models(__import__("pathlib").Path({str(vit_weights.parent)!r}))
+model = load_base({str(tiny_hf[0])!r})
+load_adapter(model, {str(path)!r})
+torch.testing.assert_close(_answer_to_red(model), torch.load({str(tmp_path / "want.pt")!r}), atol=0, rtol=0)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_adapter_refuses_a_different_base(mm_model, tmp_path):

@@ -47,7 +47,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Pa
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "mmadapter", "train", "--base", str(base), "--vision", f"local-dir:{tower}",
-           "--vision-pretrained", "none", "--vision-scales", "2", "--projector-hidden", "32", "--n-prompts", "4",
+           "--vision-scales", "2", "--projector-hidden", "32", "--n-prompts", "4",
            "--n-layers", "2", "--data", str(data), "--output-dir", str(out), "--batch-size", "2",
            "--no-progress", "--no-plot", *flags, *(["--fsdp"] if fsdp else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=240)

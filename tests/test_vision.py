@@ -271,7 +271,7 @@ def test_offline_tag_not_in_cache_fails_fast(empty_hub_cache: Path, monkeypatch:
     assert time.perf_counter() - start < 5
     message = str(info.value)
     assert "ViT-B-32" in message and "'openai'" in message and "HF_HUB_OFFLINE" in message
-    assert "local checkpoint file" in message and "pretrained='/path/to/" in message
+    assert "local checkpoint file" in message and "ViT-B-32:/path/to/weights" in message
 
 
 def test_unreachable_hub_fails_fast(empty_hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

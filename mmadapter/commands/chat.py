@@ -27,17 +27,21 @@ def run(args: argparse.Namespace) -> int:
         print()
         return 0
     history: list[tuple[str, str]] = []
-    print("Chat with the model; an empty line or Ctrl-D quits.", file=sys.stderr)
+    print("Chat with the model; an empty line or Ctrl-D quits, Ctrl-C stops an answer.", file=sys.stderr)
     while True:
         try:
             question = input("> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
             return 0
         if not question:
             return 0
         answer = []
-        for piece in model.stream(question, args.image, history=history, **sampling):
-            print(piece, end="", flush=True)
-            answer.append(piece)
+        try:
+            for piece in model.stream(question, args.image, history=history, **sampling):
+                print(piece, end="", flush=True)
+                answer.append(piece)
+        except KeyboardInterrupt:  # stop this answer, keep the conversation (with the answer so far)
+            print(" [stopped]", end="", file=sys.stderr, flush=True)
         print()
         history.append((question, "".join(answer)))

@@ -13,9 +13,32 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, help="adapter file (.safetensors) to load over the base")
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="load an adapter whose base fingerprint differs (same model, other format/quantisation)")
+    add_vision_arg(p, "the image tower of a multimodal adapter, when it is not where the adapter file says "
+                      "(e.g. moved weights)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+
+
+VISION_SPEC_HELP = ("MODEL[:WEIGHTS]: an open_clip model and its weights, an open_clip tag, a local checkpoint file "
+                    "or 'none' for random weights (default tag: openai), e.g. ViT-L-14:openai, "
+                    "ViT-B-32:/path/weights.safetensors, local-dir:/path/tower")
+
+
+def add_vision_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup, purpose: str) -> None:
+    """`--vision MODEL[:WEIGHTS]`, spelled and parsed the same by every command."""
+    p.add_argument("--vision", default=None, metavar="MODEL[:WEIGHTS]", type=vision_spec,
+                   help=f"{purpose}. {VISION_SPEC_HELP}")
+
+
+def vision_spec(text: str):
+    """argparse type: `MODEL[:WEIGHTS]` -> VisionConfig (a bad spelling is a usage error)."""
+    from ..config import VisionConfig
+
+    try:
+        return VisionConfig.from_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -39,7 +62,9 @@ def load_model(args: argparse.Namespace):
     from ..model import load_base
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.vision is not None and not args.adapter:
+        raise ValueError("--vision names the image tower of a multimodal adapter; pass that adapter with --adapter")
     model = load_base(args.base, dtype=dtype, device=args.device)
     if args.adapter:
-        load_adapter(model, args.adapter, allow_base_mismatch=args.allow_base_mismatch)
+        load_adapter(model, args.adapter, allow_base_mismatch=args.allow_base_mismatch, vision=args.vision)
     return model

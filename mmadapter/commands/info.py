@@ -48,7 +48,10 @@ def describe(path: Path, fingerprint: bool = False) -> dict[str, Any]:
 def _kind(path: Path) -> tuple[str, Path]:
     from ..adapter_file import METADATA_KEY
     from ..interop import detect_format, safetensors_header
+    from ..weights import EMBEDDED, embedded_path
 
+    if str(path) in EMBEDDED and not path.exists():  # the embedded model, named as other commands name it
+        return "gguf", embedded_path(str(path))
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_dir():
@@ -87,7 +90,7 @@ def _mmadapter(path: Path) -> dict[str, Any]:
     return {
         "format": f"mmadapter adapter (version {meta.version})",
         "adapter": {"n_prompts": n_prompts, "n_layers": n_layers, "layers": f"{first}-{first + n_layers - 1}",
-                    "dim": dim, "gates": "per head", "tanh_gates": _range(gates)},
+                    "dim": dim, "gates": meta.adapter.gate, "tanh_gates": _range(gates)},
         "parameters": counts,
         "base": {"name": meta.base_name, "fingerprint": meta.base_fingerprint, "config": meta.base_config.to_dict()},
         "vision": {**meta.vision.to_dict(), "feature_dim": meta.feature_dim} if meta.vision else None,

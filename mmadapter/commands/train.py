@@ -11,9 +11,11 @@ import argparse
 import dataclasses
 import os
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import GATE_KINDS
 from ..train import TrainConfig, coerce_fields, field_type, load_config_file
 from ..weights import DEFAULT_BASE
 
@@ -32,10 +34,11 @@ class ModelOptions:
     device: str | None = _opt(None, "cpu, cuda, cuda:1 ... (default: cuda if available, per local rank)")
     n_prompts: int = _opt(10, "adaptation prompts per layer (K)")
     n_layers: int | None = _opt(None, "adapted top layers (L; default: all but the bottom two)")
-    vision: str | None = _opt(None, "open_clip image tower for multimodal data (e.g. ViT-L-14, local-dir:<dir>); "
-                                    "default: text-only")
-    vision_pretrained: str | None = _opt("openai", "open_clip tag or local weights file of the tower "
-                                                   "(none: random weights, for tests)")
+    gate: str = _opt("per-head", "one gate per attention head (the V1 method) or per layer (exports to PEFT)",
+                     choices=GATE_KINDS)
+    vision: str | None = _opt(None, "image tower for multimodal data, MODEL[:WEIGHTS] (WEIGHTS: open_clip tag, "
+                                    "local file or none for random weights; default tag openai), e.g. "
+                                    "ViT-L-14:openai or local-dir:<dir> (default: text-only)")
     vision_scales: int = _opt(4, "depths whose global features feed the projector (M)")
     projector_hidden: int = _opt(128, "hidden width of the projector MLP")
 
@@ -64,15 +67,18 @@ def add_dataclass_flags(group: argparse._ArgumentGroup, cls: type) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         else:
             choices = f.metadata.get("choices")
-            group.add_argument(flag, type=_parse(kind, optional),
-                               choices=(*choices, None) if choices and optional else choices, **common)
+            metavar = "{" + ",".join(choices) + "}" if choices else None
+            group.add_argument(flag, type=_parse(kind, optional, choices), metavar=metavar, **common)
 
 
-def _parse(kind: type, optional: bool) -> Any:
+def _parse(kind: type, optional: bool, choices: Sequence[str] | None = None) -> Any:
     def parse(text: str) -> Any:
         if optional and text.strip().lower() in ("none", "null"):
             return None
-        return kind(text)
+        value = kind(text)
+        if choices and value not in choices:
+            raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(choices)})")
+        return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its error messages
     return parse
@@ -93,6 +99,25 @@ def resolve_options(args: argparse.Namespace) -> tuple[ModelOptions, TrainConfig
     return options, config
 
 
+def check_inputs(options: ModelOptions, config: TrainConfig) -> None:
+    """What can be checked before the (slow) model load: data files, template, tower spelling."""
+    from pathlib import Path
+
+    from ..config import VisionConfig
+    from ..data.templates import get_template
+    from ..train_data import SCIENCEQA_PREFIX
+
+    if config.data is None:
+        raise ValueError("no training data: pass --data FILE (or scienceqa:<dir>), or set data in --config")
+    for flag, source in (("--data", config.data), ("--eval-data", config.eval_data)):
+        if source is not None and not str(source).startswith(SCIENCEQA_PREFIX) and not Path(source).is_file():
+            raise ValueError(f"{flag} {source}: no such data file (a .json/.jsonl file, or scienceqa:<dir>)")
+    if config.template is not None:
+        get_template(config.template)
+    if options.vision:
+        VisionConfig.from_spec(options.vision)
+
+
 def build_training_model(options: ModelOptions, seed: int, fsdp: bool = False) -> Any:
     """The model on its device. With --fsdp on GPUs under torchrun the base is read into host memory and
     only what stays whole (embeddings, norms, adapter, tower) moves to the GPU here; the trainer moves
@@ -109,11 +134,12 @@ def build_training_model(options: ModelOptions, seed: int, fsdp: bool = False) -
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per torchrun process
     vision = None
     if options.vision:
-        vision = VisionConfig(model=options.vision, pretrained=options.vision_pretrained,
-                              n_scales=options.vision_scales, projector_hidden=options.projector_hidden)
+        vision = VisionConfig.from_spec(options.vision, n_scales=options.vision_scales,
+                                        projector_hidden=options.projector_hidden)
     dtype = getattr(torch, options.dtype) if options.dtype else None
     shard_later = fsdp and torch.device(device).type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    model = build_model(options.base, AdapterConfig(n_prompts=options.n_prompts, n_layers=options.n_layers),
+    model = build_model(options.base, AdapterConfig(n_prompts=options.n_prompts, n_layers=options.n_layers,
+                                                      gate=options.gate),
                         vision, dtype=dtype or (torch.bfloat16 if shard_later else None),
                         device="cpu" if shard_later else device, seed=seed)
     if shard_later:
@@ -127,8 +153,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train import train
 
     options, config = resolve_options(args)
-    if config.data is None:
-        raise ValueError("no training data: pass --data FILE (or scienceqa:<dir>), or set data in --config")
+    check_inputs(options, config)
     model = build_training_model(options, config.seed, fsdp=config.fsdp)
     result = train(model, config.data, config, config.eval_data, extra_config=dataclasses.asdict(options))
     return 130 if result.interrupted else 0
