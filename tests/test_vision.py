@@ -199,8 +199,12 @@ def test_local_checkpoints_load_their_weights(vit_checkpoint, tmp_path: Path, ca
     from_safetensors = VisionTower(VisionConfig(model=TINY_VIT, pretrained=str(path)))
     from_pt = VisionTower(VisionConfig(model=TINY_VIT, pretrained=str(other_path)))
     with caplog.at_level(logging.WARNING, logger="mmadapter.vision"):
-        random_tower = VisionTower(VisionConfig(model=TINY_VIT, pretrained=None))
+        random_tower = VisionTower(VisionConfig(model=TINY_VIT, pretrained=None, seed=1))
     assert "RANDOM WEIGHTS" in caplog.text and "meaningless" in caplog.text
+    # random weights come from the config's seed (save_reference(seed=0) draws them the same way as seed=0)
+    assert VisionTower(VisionConfig(model=TINY_VIT, pretrained=None, seed=1)).weights_hash == random_tower.weights_hash
+    assert VisionTower(VisionConfig(model=TINY_VIT, pretrained=None, seed=0)).weights_hash == \
+        vision.weights_sha256(reference.visual)[:16]
 
     torch.testing.assert_close(from_pt(x)[:, -32:], other.encode_image(x, normalize=False).detach())
     assert not torch.allclose(from_safetensors(x), from_pt(x))
