@@ -55,6 +55,7 @@ from mmadapter.data.scienceqa import (
     LoadStats,
     PredictionLog,
     Problem,
+    ScienceQAError,
     build_prompt,
     compute_metrics,
     format_metrics_table,
@@ -230,6 +231,7 @@ def evaluate(model: MMAdapter, problems: Sequence[Problem], *, mode: str = "gene
     run_log = _open_log(Path(out), settings, overwrite) if out is not None else None
     predictions: dict[str, int | None] = dict(run_log.predictions) if run_log else {}
     outputs: dict[str, str] = dict(run_log.outputs) if run_log else {}
+    unreadable: set[str] = set(run_log.unreadable_images) if run_log else set()
     runner = RUNNERS[mode]
     done = sum(p.pid in predictions for p in problems)
     try:
@@ -237,14 +239,14 @@ def evaluate(model: MMAdapter, problems: Sequence[Problem], *, mode: str = "gene
             for batch in fixed_batches(questions, batch_size):
                 if all(q.problem.pid in predictions for q in batch):
                     continue
-                images = [load_image(q.problem) if use_images else None for q in batch]
+                images = [_readable_image(q.problem, unreadable) if use_images else None for q in batch]
                 for q, (pred, text) in zip(batch, runner(model, batch, images, template, max_new_tokens)):
                     pid = q.problem.pid
                     if pid in predictions:  # answered before an interruption; the batch reran as a whole
                         continue
                     predictions[pid], outputs[pid] = pred, text
                     if run_log:
-                        run_log.append(pid, pred, text)
+                        run_log.append(pid, pred, text, image_unreadable=pid in unreadable)
                     if on_prediction:
                         on_prediction(pid, pred, text)
                     bar.update(1)
@@ -261,12 +263,24 @@ def evaluate(model: MMAdapter, problems: Sequence[Problem], *, mode: str = "gene
                    "used": len(with_image) if use_images else 0,
                    "ignored": 0 if use_images else len(with_image),
                    "ignored_reason": None if use_images or not with_image else ignored_reason,
-                   "missing": sum(p.image_missing for p in problems)},
+                   "missing": sum(p.image_missing for p in problems),
+                   "unreadable": sum(p.pid in unreadable for p in problems)},
         "data": load_stats.summary() if load_stats else None,
     }
     if out is not None:
         write_outputs(Path(out), results, {p.pid: outputs[p.pid] for p in problems}, metrics)
     return metrics
+
+
+def _readable_image(problem: Problem, unreadable: set[str]) -> Any:
+    """The problem's image; a file that does not decode is recorded in `unreadable` and the question
+    is answered from its text (as a missing file is), instead of ending the evaluation."""
+    try:
+        return load_image(problem)
+    except ScienceQAError as err:
+        log.warning("%s; answering it without the image", err)
+        unreadable.add(problem.pid)
+        return None
 
 
 def check_options(mode: str, fmt: str, batch_size: int, max_new_tokens: int | None,
@@ -358,8 +372,9 @@ def format_report(metrics: dict[str, Any]) -> str:
     if images:
         note = f" ({images['ignored_reason']})" if images.get("ignored") else ""
         lines.append(f"- Images: {images['questions_with_image']} questions have one; {images['used']} used, "
-                     f"{images['ignored']} ignored{note}, {images['missing']} missing files "
-                     "(answered without the image, still scored as IMG)")
+                     f"{images['ignored']} ignored{note}, {images['missing']} missing and "
+                     f"{images.get('unreadable', 0)} unreadable files (answered without the image, still scored "
+                     "as IMG)")
     if run.get("data"):
         lines.append(f"- Data: {run['data']}")
     return "\n".join(lines) + "\n"

@@ -161,12 +161,31 @@ def test_score_mode_batched_matches_one_question_forward(request, problems, whic
         expected = {p.pid: max(range(len(r)), key=r.__getitem__) for p, r in zip(subset, reference)}
         assert metrics == {**compute_metrics(subset, expected), "run": metrics["run"]}
         assert metrics["run"]["images"] == {"questions_with_image": 1, "used": 1, "ignored": 0, "missing": 0,
-                                            "ignored_reason": None}
+                                            "unreadable": 0, "ignored_reason": None}
         # the image reaches its own row only: without it, the rows that have none do not change
         blind = option_logprobs(model, questions, [None] * 3)
         for row in (0, 1):
             torch.testing.assert_close(torch.tensor(blind[row]), torch.tensor(batched[row]), atol=2e-4, rtol=0)
         assert max(abs(a - b) for a, b in zip(blind[2], batched[2])) > 1e-3
+
+
+def test_a_corrupt_image_is_answered_text_only_counted_and_reported(multimodal, data_dir, tmp_path: Path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(data_dir, root)
+    (root / "images" / "test" / "15" / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n cut off")
+    subset = [p for p in load_scienceqa(root)[0] if p.pid in ("13", "15")]
+    metrics = evaluate(multimodal, subset, mode="score", batch_size=2, out=tmp_path / "out", progress=False)
+    images = metrics["run"]["images"]
+    assert (images["used"], images["unreadable"], images["missing"]) == (2, 1, 0)
+    assert "1 unreadable files" in (tmp_path / "out" / "metrics.md").read_text()
+    text_only = option_logprobs(multimodal, prepare(multimodal, subset[1:], "score", "QCM-A", "chat"), [None])[0]
+    want = max(range(len(text_only)), key=text_only.__getitem__)
+    assert metrics["counts"]["IMG"] == 2 and json.loads((tmp_path / "out" / "results.json").read_text())[
+        "results"]["15"] == want
+    again = evaluate(multimodal, subset, mode="score", batch_size=2, out=tmp_path / "out", progress=False)
+    assert again == metrics  # resumed from the log: the unreadable image is still counted
 
 
 # ---------------------------------------------------------------------------------------------- generate mode
@@ -207,7 +226,7 @@ def test_resumed_run_writes_the_same_files_as_an_uninterrupted_one(smollm, probl
     options = dict(mode="score", batch_size=2, progress=False)
     whole = evaluate(smollm, problems, out=tmp_path / "whole", **options)
     assert whole["run"]["images"] == {"questions_with_image": 3, "used": 0, "ignored": 2, "missing": 1,
-                                      "ignored_reason": "the model has no vision tower"}
+                                      "unreadable": 0, "ignored_reason": "the model has no vision tower"}
     assert whole["counts"]["IMG"] == 3  # the question whose image file is missing still counts as IMG
 
     seen: list[str] = []

@@ -316,7 +316,7 @@ def test_cli_multimodal_run_counts_what_it_skips(text_base: Path, tower_dir: Pat
     (tmp_path / "run.yaml").write_text("epochs: 2\nbatch_size: 4\nlr: 0.05\nmax_seq_len: 64\nsave_every: 2\n")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "mmadapter", "train", "--config", str(tmp_path / "run.yaml"),
-           "--base", str(text_base), "--vision", f"local-dir:{tower_dir}", "--vision-pretrained", "none",
+           "--base", str(text_base), "--vision", f"local-dir:{tower_dir}",
            "--vision-scales", "2", "--n-layers", "2", "--data", str(data), "--output-dir", str(out),
            "--epochs", "3", "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=240)

@@ -598,7 +598,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class PredictionLog:
-    """Append-only JSONL of {"pid", "pred", "output"} records, so an interrupted evaluation resumes.
+    """Append-only JSONL of {"pid", "pred", "output"} records (plus "image_unreadable": true for a question
+    answered without its image because the file would not decode), so an interrupted evaluation resumes.
 
     Opening an existing log reads it back; a truncated last line (the run was killed mid-write) is
     cut off so that new records start on a clean line. A broken line elsewhere is an error. When a
@@ -609,6 +610,7 @@ class PredictionLog:
         self.path = Path(path)
         self.predictions: dict[str, int | None] = {}
         self.outputs: dict[str, str] = {}
+        self.unreadable_images: set[str] = set()  # pids answered text-only because their image would not decode
         self.dropped_partial_line = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
@@ -619,12 +621,13 @@ class PredictionLog:
     def done(self) -> set[str]:
         return set(self.predictions)
 
-    def append(self, pid: str, pred: int | None, output: str) -> None:
+    def append(self, pid: str, pred: int | None, output: str, image_unreadable: bool = False) -> None:
         record = {"pid": str(pid), "pred": pred, "output": output}
+        if image_unreadable:
+            record["image_unreadable"] = True
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
-        self.predictions[str(pid)] = pred
-        self.outputs[str(pid)] = output
+        self._add(record)
 
     def close(self) -> None:
         self._file.close()
@@ -664,5 +667,10 @@ class PredictionLog:
         return record
 
     def _add(self, record: dict[str, Any]) -> None:
-        self.predictions[str(record["pid"])] = record["pred"]
-        self.outputs[str(record["pid"])] = str(record.get("output", ""))
+        pid = str(record["pid"])
+        self.predictions[pid] = record["pred"]
+        self.outputs[pid] = str(record.get("output", ""))
+        if record.get("image_unreadable") is True:
+            self.unreadable_images.add(pid)
+        else:
+            self.unreadable_images.discard(pid)
