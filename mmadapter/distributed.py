@@ -9,6 +9,7 @@ bases too big for one device.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,10 @@ class Distributed:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+        # FSDP warns when a sharded module returns a view (Linear outputs of 3-D inputs, the prompt K/V),
+        # since an in-place op on it would skip the all-gather. Our blocks only use those outputs
+        # out of place (h = x + attention(...), matmuls), so the warning does not apply here.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
         mesh = init_device_mesh(device.type, (self.world,))
         for layer in layers:  # each part its own root: True, not the default, or a root keeps its gathered weights
             fully_shard(layer.attention, mesh=mesh, reshard_after_forward=True)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ class MMAdapter(nn.Module):
         super().__init__()
         self.base, self.tokenizer, self.adapter = base, tokenizer, adapter
         self.base_name, self.base_fingerprint = base_name, base_fingerprint
+        self.base_source = base_name  # what load_base was given (a local path made absolute), set by load_base
         self.template = template or ("chat" if tokenizer is not None and tokenizer.chat_template else "alpaca")
         self.vision: nn.Module | None = None
         self.feature_cache: FeatureCache | None = None
@@ -305,7 +307,10 @@ def load_base(spec: str = DEFAULT_BASE, dtype: torch.dtype | None = None,
               device: str | torch.device | None = None) -> MMAdapter:
     """A frozen base with its tokenizer and no adapter: an embedded name, a preset, a path or a hub id."""
     loaded = load_checkpoint(spec, dtype=dtype, device=device)
-    return MMAdapter(loaded.model, loaded.tokenizer, base_name=loaded.name, base_fingerprint=loaded.fingerprint)
+    model = MMAdapter(loaded.model, loaded.tokenizer, base_name=loaded.name, base_fingerprint=loaded.fingerprint)
+    local = Path(spec).expanduser()
+    model.base_source = str(local.resolve()) if local.exists() else str(spec)  # load_base(base_source) again
+    return model
 
 
 def build_model(base: str | MMAdapter = DEFAULT_BASE, adapter: AdapterConfig | None = None,

@@ -244,6 +244,7 @@ class Trainer:
         self.prefix_cache: PrefixCache | None = None
         self.image_features: dict[str, Tensor | None] = {}  # by image key, shared by train and eval data
         self.stop_requested = False
+        self.accum = config.grad_accum  # micro-batches per step; fewer when an epoch has fewer (set in _run)
         self.step = 0
         self.saved_step: int | None = None  # step of the last checkpoint written or resumed
         self.records: list[dict[str, Any]] = []
@@ -379,7 +380,8 @@ class Trainer:
 
     @property
     def effective_batch(self) -> int:
-        return self.config.batch_size * self.config.grad_accum * self.dist.world
+        """Samples per optimizer step: accumulation is capped by the micro-batches an epoch has."""
+        return self.config.batch_size * self.accum * self.dist.world
 
     def learning_rate(self, epoch: float) -> float:
         """Linear warm-up, then half-cycle cosine to min_lr; `epoch` is fractional (reference schedule)."""
@@ -478,9 +480,6 @@ class Trainer:
         self.setup()
         self.model.adapter.template = self.template
         if d.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / CONFIG_FILE, json.dumps({**self.extra_config, **c.to_dict()}, indent=1))
-            remove_stale_temporaries(self.ckpt_root)
             self._say(self.model.summary())
         train_data = self.prepare(train_source)
         eval_data = self.prepare(eval_source, eval_split=True) if eval_source is not None else None
@@ -492,6 +491,10 @@ class Trainer:
         sampler = LengthGroupedBatchSampler([len(s) for s in train_data.samples], c.batch_size * d.world,
                                             seed=c.seed, group_factor=50 if c.group_by_length else 1)
         n_batches = len(sampler.batches(0))
+        self.accum = min(c.grad_accum, n_batches)
+        if self.accum < c.grad_accum:
+            self._say(f"grad_accum {c.grad_accum} is more than the {n_batches} micro-batches of an epoch: each step "
+                      f"accumulates {self.accum}")
         steps_per_epoch = math.ceil(n_batches / c.grad_accum)
         start_epoch, start_batch = self._resume_or_start(train_data, eval_data, n_batches)
         self._say(f"{len(train_data.samples)} samples, {n_batches} micro-batches of {c.batch_size} x {d.world} "
@@ -526,6 +529,7 @@ class Trainer:
         if checkpoint is None:
             if c.resume:
                 self._say(f"no checkpoint in {self.ckpt_root}: starting from scratch")
+            self._open_run_dir()
             if self.dist.main:
                 (self.out / LOG_FILE).unlink(missing_ok=True)
             if eval_data is not None:
@@ -533,12 +537,22 @@ class Trainer:
             return 0, 0
         state = load_checkpoint(checkpoint, self.model, self.optimizer, self.param_names, c.allow_base_mismatch)
         self._check_resumable(state, data)
+        self._open_run_dir()
         self.step = self.saved_step = state.step
         self._elapsed_before = float(state.info.get("elapsed_s", 0.0))
         self._trim_log(state)
         self._say(f"resumed from {checkpoint} (step {self.step}, epoch {state.epoch + 1}, "
                   f"micro-batch {state.batch}/{n_batches})")
         return state.epoch, state.batch
+
+    def _open_run_dir(self) -> None:
+        """The run is known to start: only now is anything written in output_dir (a refused resume or a
+        bad input leaves an earlier run's files as they were)."""
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / CONFIG_FILE,
+                              json.dumps({**self.extra_config, **self.config.to_dict()}, indent=1))
+            remove_stale_temporaries(self.ckpt_root)
 
     def _must_stop(self) -> bool:
         """Ctrl-C / SIGTERM seen by any process (all processes stop at the same step)."""
@@ -577,7 +591,7 @@ class Trainer:
         ids = [str(data.samples[i].id) for b in group for i in b]
         what = f"loss {loss} (gradient norm {grad_norm}) at step {self.step + 1}, epoch {epoch + 1}, " \
                f"micro-batches {pos}-{pos + len(group) - 1}, samples {', '.join(ids)}"
-        self._log({"type": "nonfinite", "step": self.step, "epoch": epoch, "batch": pos, "loss": str(loss),
+        self._log({"type": "nonfinite", "step": self.step + 1, "epoch": epoch, "batch": pos, "loss": str(loss),
                    "grad_norm": str(grad_norm), "samples": ids, "action": self.config.on_nonfinite})
         if self.config.on_nonfinite == "skip":
             self._say(f"skipped a non-finite {what}; the adapter was not updated by it")
@@ -685,7 +699,23 @@ def train(model: MMAdapter, train_data: Any = None, config: TrainConfig | None =
     eval_data = eval_data if eval_data is not None else config.eval_data
     if train_data is None:
         raise ValueError("no training data: pass train_data or set TrainConfig.data (CLI: --data)")
-    return Trainer(model, config, extra_config).run(train_data, eval_data)
+    paths = {k: str(v) for k, v in (("data", train_data), ("eval_data", eval_data)) if isinstance(v, (str, os.PathLike))}
+    config = dataclasses.replace(config, **paths)  # recorded in config.json with the model options: repeatable
+    return Trainer(model, config, {**model_options(model), **dict(extra_config or {})}).run(train_data, eval_data)
+
+
+def model_options(model: MMAdapter) -> dict[str, Any]:
+    """The CLI's model options (`mmadapter train --help`, group "model") that rebuild `model`, so a
+    run started from Python records them in config.json and `train --config` repeats it."""
+    options: dict[str, Any] = {"base": model.base_source,
+                               "dtype": str(model.base.tok_embeddings.weight.dtype).removeprefix("torch.")}
+    if model.adapter is not None:
+        a = model.adapter.config
+        options.update(n_prompts=a.n_prompts, n_layers=a.n_layers, gate=a.gate)
+    vision = getattr(model.vision, "config", None)
+    if vision is not None and model.adapter is not None and model.adapter.projector is not None:
+        options.update(vision=vision.spec, vision_scales=vision.n_scales, projector_hidden=vision.projector_hidden)
+    return options
 
 
 def _format_run_summary(s: Mapping[str, Any], adapter_path: Path | None, out: Path) -> str:

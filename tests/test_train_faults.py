@@ -69,7 +69,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     config = run_config(root / "reference")
     result = train(build_model(str(base), seed=0), str(data), TrainConfig(**config))
     return {"base": str(base), "data": str(data), "reference": read_adapter(result.adapter_path)[1],
-            "steps": result.steps}
+            "steps": result.steps, "reference_dir": str(root / "reference")}
 
 
 def run_config(output_dir: Path, **overrides) -> dict:
@@ -169,6 +169,7 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(
 
 def test_resume_refuses_another_base_or_other_data(setup: dict, tmp_path: Path) -> None:
     train(build_model(setup["base"], seed=0), setup["data"], TrainConfig(**run_config(tmp_path, epochs=1)))
+    saved = (tmp_path / "config.json").read_text()
     other_base = make_text_base(tmp_path / "other_base", seed=5)  # same shapes, other weights
     config = TrainConfig(**run_config(tmp_path, epochs=1, resume=True))
     with pytest.raises(AdapterFileError, match="fingerprint"):
@@ -178,6 +179,59 @@ def test_resume_refuses_another_base_or_other_data(setup: dict, tmp_path: Path) 
     with pytest.raises(TrainStateError, match="grad_accum"):
         train(build_model(setup["base"], seed=0), setup["data"],
               TrainConfig(**run_config(tmp_path, epochs=1, resume=True, grad_accum=1)))
+    assert (tmp_path / "config.json").read_text() == saved  # a refused resume leaves the run as it was
+    from mmadapter.data.records import DataError
+
+    with pytest.raises(DataError, match="not found"):  # a failed start writes nothing
+        train(build_model(setup["base"], seed=0), str(tmp_path / "missing.json"),
+              TrainConfig(**run_config(tmp_path / "new")))
+    assert not (tmp_path / "new").exists()
+
+
+def test_cli_resume_takes_the_runs_own_settings(setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's `train --output-dir runs/x --data a.json --resume` after Ctrl-C: the run's own settings
+    (from its config.json) continue it exactly; a flag that would change the run is refused, changing nothing."""
+    from mmadapter.cli import main
+
+    out = tmp_path / "run"
+    real_loss, calls = MMAdapter.loss, []
+
+    def loss(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:  # the second micro-batch of step 4
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(MMAdapter, "loss", loss)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in run_config(out).items() if not isinstance(v, bool)]
+    assert main(["train", "--base", setup["base"], "--data", setup["data"], *flags, "--no-progress",
+                 "--no-plot"]) == 130
+    monkeypatch.setattr(MMAdapter, "loss", real_loss)
+    saved = (out / "config.json").read_text()
+    assert main(["train", "--output-dir", str(out), "--resume", "--lr", "0.01", "--epochs", "5"]) == 2
+    assert (out / "config.json").read_text() == saved
+    assert main(["train", "--output-dir", str(out), "--data", setup["data"], "--resume", "--save-every", "3"]) == 0
+    assert_same_adapter(out / "adapter.safetensors", setup["reference"])
+
+
+def test_python_runs_config_json_repeats_them_from_the_cli(setup: dict, tmp_path: Path) -> None:
+    from mmadapter.cli import main
+
+    recorded = json.loads((Path(setup["reference_dir"]) / "config.json").read_text())
+    assert recorded["base"] == setup["base"] and recorded["data"] == setup["data"]
+    assert (recorded["n_prompts"], recorded["gate"], recorded["dtype"]) == (10, "per-head", "float32")
+    assert main(["train", "--config", str(Path(setup["reference_dir"]) / "config.json"),
+                 "--output-dir", str(tmp_path)]) == 0
+    assert_same_adapter(tmp_path / "adapter.safetensors", setup["reference"])
+
+
+def test_accumulation_is_capped_by_the_micro_batches_of_an_epoch(setup: dict, tmp_path: Path) -> None:
+    """grad_accum 8 over 2 micro-batches of 4: steps of 8 samples, and the learning rate scaled to 8."""
+    config = TrainConfig(output_dir=str(tmp_path), epochs=1, batch_size=4, grad_accum=8, save_every=0,
+                         progress=False, plot=False)
+    result = train(build_model(setup["base"], seed=0), instruction_records(8, 1), config)
+    assert result.steps == 1 and result.summary["effective_batch"] == 8
+    assert result.summary["peak_lr"] == pytest.approx(9e-3 * 8 / 256)
 
 
 def poison_loss(monkeypatch: pytest.MonkeyPatch, at_call: int) -> None:
@@ -206,7 +260,7 @@ def test_nan_loss_stops_with_a_good_checkpoint_and_names_the_batch(setup: dict, 
     tensors = read_adapter(latest / "adapter.safetensors")[1]
     assert all(torch.isfinite(t).all() for t in tensors.values())
     bad = [r for r in read_log(tmp_path / "run" / "train_log.jsonl") if r["type"] == "nonfinite"]
-    assert len(bad) == 1 and bad[0]["samples"]
+    assert len(bad) == 1 and bad[0]["samples"] and bad[0]["step"] == 4  # the step the message names
 
     monkeypatch.undo()  # resuming skips nothing now: the run ends like the uninterrupted one
     result = train(build_model(setup["base"], seed=0), setup["data"], TrainConfig(**{**config, "resume": True}))

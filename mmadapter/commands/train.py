@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import GATE_KINDS
-from ..train import TrainConfig, coerce_fields, field_type, load_config_file
+from ..train import CONFIG_FILE, TrainConfig, coerce_fields, field_type, load_config_file
 from ..weights import DEFAULT_BASE
 
 
@@ -88,6 +88,8 @@ def resolve_options(args: argparse.Namespace) -> tuple[ModelOptions, TrainConfig
     """Defaults < config file < flags, checked field by field."""
     given = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "verbose")}
     values = {**(load_config_file(args.config) if args.config else {}), **given}
+    if values.get("resume") and not args.config:
+        values = _run_settings(values)
     model_keys = {f.name for f in dataclasses.fields(ModelOptions)}
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - model_keys - train_keys)
@@ -97,6 +99,31 @@ def resolve_options(args: argparse.Namespace) -> tuple[ModelOptions, TrainConfig
     options = ModelOptions(**coerce_fields(ModelOptions, {k: v for k, v in values.items() if k in model_keys}))
     config = TrainConfig.from_dict({k: v for k, v in values.items() if k in train_keys})
     return options, config
+
+
+# What a resumed run may change: how it is shown, saved, cached and guarded, never what it computes.
+RESUME_MAY_CHANGE = ("output_dir", "resume", "device", "progress", "plot", "save_every", "keep_last", "on_nonfinite",
+                     "allow_base_mismatch", "prefix_cache", "prefix_cache_mb", "prefix_cache_dir", "feature_cache_dir",
+                     "eval_data")
+
+
+def _run_settings(given: dict[str, Any]) -> dict[str, Any]:
+    """`--resume` without `--config`: the run's own settings from <output_dir>/config.json, with the
+    explicit flags that are safe to change on top; a flag that would change the run is refused."""
+    from pathlib import Path
+
+    output_dir = given.get("output_dir", TrainConfig.output_dir)
+    saved_file = Path(output_dir) / CONFIG_FILE
+    if not saved_file.is_file():
+        return given  # nothing to continue: the trainer says so and starts from scratch
+    saved = load_config_file(saved_file)
+    changed = sorted(k for k, v in given.items() if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v)
+    if changed:
+        shown = "; ".join(f"--{k.replace('_', '-')} {given[k]!r} (the run has {saved[k]!r})" for k in changed)
+        raise ValueError(f"--resume continues {output_dir} with its own settings ({saved_file}), but {shown}. "
+                         f"On resume only {', '.join(RESUME_MAY_CHANGE)} may change; start a new run in another "
+                         "--output-dir to change the others")
+    return {**saved, **given}
 
 
 def check_inputs(options: ModelOptions, config: TrainConfig) -> None:
