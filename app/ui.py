@@ -1,15 +1,20 @@
 """The Gradio page: a chat with an optional image, sampling controls and an adapter dropdown.
 
+Conversation state is derived from the conversation: the image a question is about is the latest
+image in the chat history it is sent with, so an empty history has no image however the chat was
+emptied (the button, the chatbot's own clear icon, a new API client, a page reload).
+
 Uploads: Gradio serves an uploaded file to anyone who asks for its path (there is no per-session
 check); the path holds a sha256 of a secret seed and the content, so only the uploader learns it.
 What this page adds is a short life: a file that is not an image is deleted at once, a session's
-uploads are deleted when its conversation is cleared or after UPLOAD_MAX_AGE_S of inactivity, and
-Gradio sweeps any upload older than that.
+uploads are deleted when its conversation is cleared (button or icon), when its page is closed or
+reloaded, or after UPLOAD_MAX_AGE_S of inactivity, and Gradio sweeps any upload older than that.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -54,6 +59,57 @@ def forget_uploads(paths: Iterable[str] | None) -> None:
                 path.parent.rmdir()  # Gradio keeps each upload in a folder of its own
 
 
+class SessionUploads:
+    """Each browser or API session's uploaded files, so that they can be deleted when its conversation
+    ends: cleared, its page closed or reloaded (Gradio's unload event), or its state expired."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._paths: dict[str, list[str]] = {}
+
+    def add(self, session: str, paths: Iterable[str]) -> None:
+        with self._lock:
+            self._paths.setdefault(session, []).extend(paths)
+
+    def discard(self, session: str, path: str) -> None:
+        with self._lock:
+            if path in self._paths.get(session, []):
+                self._paths[session].remove(path)
+
+    def forget(self, session: str | None) -> None:
+        """Delete the session's uploads (called with the session id a State held, or a request's)."""
+        with self._lock:
+            paths = self._paths.pop(session, []) if session else []
+        forget_uploads(paths)
+
+    def sessions(self) -> int:
+        with self._lock:
+            return len(self._paths)
+
+
+def conversation_image(messages: list[dict[str, Any]]) -> str | None:
+    """The image a new question is about: the latest file a user message of the history carries."""
+    for m in reversed(messages):
+        if m.get("role") != "user":
+            continue
+        content = m.get("content")
+        parts = content if isinstance(content, list) else [content]
+        for part in reversed(parts):
+            path = _file_path(part)
+            if path is not None:
+                return path
+    return None
+
+
+def _file_path(part: Any) -> str | None:
+    """The path of a file message part ({"path": ...} or {"type": "file", "file": {"path": ...}})."""
+    if not isinstance(part, dict):
+        return None
+    file = part.get("file") if isinstance(part.get("file"), dict) else part
+    path = file.get("path")
+    return path if isinstance(path, str) else None
+
+
 def _without_deleted_files(content: Any) -> Any:
     """A message's content with parts whose file was deleted (cleared elsewhere, expired) replaced by a note."""
     if not isinstance(content, list):
@@ -78,20 +134,22 @@ def _message_text(content: Any) -> str | None:
 
 
 def build_demo(service: ChatService) -> gr.Blocks:
-    def respond(message: dict[str, Any] | None, messages: list[dict[str, Any]], image_path: str | None,
-                uploads: list[str], adapter_name: str, temperature: float, top_p: float,
-                max_new_tokens: int) -> Iterator[tuple[list[dict[str, Any]], str | None, Any, list[str]]]:
+    session_uploads = SessionUploads()
+
+    def respond(message: dict[str, Any] | None, messages: list[dict[str, Any]], adapter_name: str,
+                temperature: float, top_p: float, max_new_tokens: int,
+                request: gr.Request) -> Iterator[tuple[list[dict[str, Any]], Any, str]]:
+        session = request.session_hash or ""
         message = message or {}
         text = str(message.get("text") or "")
         files = list(message.get("files") or [])
         messages = [{**m, "content": _message_text(m.get("content")) or _without_deleted_files(m.get("content"))}
                     for m in messages or []]
         history = chat_history(messages)
-        uploads = list(uploads or [])
         if files:
-            image_path = files[-1]  # a new upload replaces the conversation's image
-            uploads += files
-            messages.append({"role": "user", "content": {"path": image_path}})
+            session_uploads.add(session, files)
+            messages.append({"role": "user", "content": {"path": files[-1]}})  # a new upload replaces the image
+        image_path = conversation_image(messages)
         if text.strip():
             messages.append({"role": "user", "content": text})
         cleared = gr.MultimodalTextbox(value=None)
@@ -99,21 +157,23 @@ def build_demo(service: ChatService) -> gr.Blocks:
                                     top_p=top_p, max_new_tokens=int(max_new_tokens)):
             if reply.image_rejected:  # not an image: delete it now and do not show it
                 forget_uploads([image_path])
-                messages = [m for m in messages if m.get("content") != {"path": image_path}]
-                uploads = [u for u in uploads if u != image_path]
-                image_path = None
-            yield messages + [{"role": "assistant", "content": reply.render()}], image_path, cleared, uploads
+                session_uploads.discard(session, image_path)
+                messages = [m for m in messages if _file_path(m.get("content")) != image_path]
+            yield messages + [{"role": "assistant", "content": reply.render()}], cleared, session
 
-    def clear(uploads: list[str]) -> tuple[list, None, Any, list]:
-        forget_uploads(uploads)
-        return [], None, gr.MultimodalTextbox(value=None), []
+    def clear(request: gr.Request) -> tuple[list, Any]:
+        session_uploads.forget(request.session_hash)
+        return [], gr.MultimodalTextbox(value=None)
+
+    def end_session(request: gr.Request) -> None:
+        session_uploads.forget(request.session_hash)
 
     with gr.Blocks(title=TITLE, delete_cache=(UPLOAD_SWEEP_S, UPLOAD_MAX_AGE_S)) as demo:
         gr.Markdown(f"## {TITLE}\nUpload an image (optional) and ask about it. Follow-up questions keep the "
                     "conversation and its image; a new upload replaces the image.")
         status = gr.Markdown(service.status_markdown())
-        image_state = gr.State(None)  # server-side path of this session's uploaded image
-        uploads = gr.State([], time_to_live=UPLOAD_MAX_AGE_S, delete_callback=forget_uploads)  # this session's files
+        # Holds only this session's id: when Gradio expires the state, the session's uploads go with it.
+        session = gr.State(None, time_to_live=UPLOAD_MAX_AGE_S, delete_callback=session_uploads.forget)
         with gr.Row():
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Chat", height=460)
@@ -133,8 +193,11 @@ def build_demo(service: ChatService) -> gr.Blocks:
                       [{"text": "What color is this shape?", "files": [str(EXAMPLES_DIR / "red_circle.png")]}],
                       [{"text": "Describe this image.", "files": [str(EXAMPLES_DIR / "blue_rectangle.png")]}]],
             inputs=[box], label="Examples")
-        inputs = [box, chatbot, image_state, uploads, adapter, temperature, top_p, max_new_tokens]
-        box.submit(respond, inputs, [chatbot, image_state, box, uploads], api_name="chat")
-        clear_btn.click(clear, uploads, [chatbot, image_state, box, uploads], api_name="clear")
+        inputs = [box, chatbot, adapter, temperature, top_p, max_new_tokens]
+        box.submit(respond, inputs, [chatbot, box, session], api_name="chat")
+        clear_btn.click(clear, None, [chatbot, box], api_name="clear")
+        chatbot.clear(clear, None, [chatbot, box], api_name=False)  # the chatbot's own trash icon
         demo.load(service.status_markdown, None, status, api_name=False)
+        demo.unload(end_session)  # page closed or reloaded
+    demo.session_uploads = session_uploads  # for tests and the load benchmark
     return demo

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,6 +131,39 @@ def test_follow_up_keeps_history(app_url, smollm, monkeypatch):
     chat, first = ask(url, "My name is Ada. Remember it.")
     ask(url, "What is my name?", history=chat)
     assert seen[-1] == [("My name is Ada. Remember it.", first)]  # the earlier turn reaches the prompt
+
+
+def spy_on_images(service, monkeypatch) -> list:
+    """Record the image path each request reaches the service with."""
+    seen = []
+    original = service.answer
+    monkeypatch.setattr(service, "answer", lambda q, path, *a, **kw: seen.append(path) or original(q, path, *a, **kw))
+    return seen
+
+
+def test_the_image_belongs_to_the_history_that_carries_it(app_url, tmp_path, monkeypatch):
+    url, service = app_url
+    seen = spy_on_images(service, monkeypatch)
+    client = gradio_client.Client(url, verbose=False, download_files=False)
+    question = "What color is this?"
+
+    def turn(history, files=()):
+        message = {"text": question, "files": [gradio_client.handle_file(str(f)) for f in files]}
+        chat, _ = client.predict(message, history, "vision", 0.0, 0.9, 12, api_name="/chat")
+        return chat, chat[-1]["content"][0]["text"]
+
+    chat, with_image = turn([], [png(tmp_path / "red.png")])
+    upload = chat[0]["content"][0]["file"]["path"]
+    assert seen[-1] == upload
+    _, follow_up = turn(chat)  # the history carries the image: the follow-up is about it
+    assert seen[-1] == upload and follow_up == with_image
+    _, fresh = turn([])  # same client (same session), empty history: no image
+    assert seen[-1] is None
+    _, other_client = ask(url, question, adapter="vision", max_new_tokens=12)
+    assert seen[-1] is None and fresh == other_client
+    assert fresh != with_image  # the open gates make the image matter, so the check above can fail
+    client.predict(api_name="/clear")
+    assert not Path(upload).exists()  # clearing deletes the conversation's upload
 
 
 def test_server_paths_from_requests_are_refused(app_url, monkeypatch):

@@ -251,7 +251,8 @@ def test_a_conversation_whose_image_was_deleted_goes_on(app):
 def test_uploads_expire(app):
     """A session's uploads go with its state after UPLOAD_MAX_AGE_S, and Gradio sweeps older uploads."""
     _, _, demo = app
-    states = [b for b in demo.blocks.values() if isinstance(b, gr.State) and b.delete_callback is forget_uploads]
+    states = [b for b in demo.blocks.values()
+              if isinstance(b, gr.State) and b.delete_callback == demo.session_uploads.forget]
     assert len(states) == 1 and states[0].time_to_live == UPLOAD_MAX_AGE_S
     assert demo.delete_cache == (UPLOAD_SWEEP_S, UPLOAD_MAX_AGE_S)
 
