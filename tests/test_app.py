@@ -133,11 +133,18 @@ def test_follow_up_keeps_history(app_url, smollm, monkeypatch):
     assert seen[-1] == [("My name is Ada. Remember it.", first)]  # the earlier turn reaches the prompt
 
 
-def spy_on_images(service, monkeypatch) -> list:
-    """Record the image path each request reaches the service with."""
+def spy_on_images(service, monkeypatch, finished: list | None = None) -> list:
+    """Record the image path each request reaches the service with (and, in `finished`, when it is answered)."""
     seen = []
     original = service.answer
-    monkeypatch.setattr(service, "answer", lambda q, path, *a, **kw: seen.append(path) or original(q, path, *a, **kw))
+
+    def answer(question, path, *args, **kwargs):
+        seen.append(path)
+        yield from original(question, path, *args, **kwargs)
+        if finished is not None:
+            finished.append(path)
+
+    monkeypatch.setattr(service, "answer", answer)
     return seen
 
 
@@ -221,5 +228,72 @@ def test_browser_asks_a_question_and_saves_a_screenshot(app_url, tmp_path):
         browser.save_screenshot(shot)
         assert os.path.getsize(shot) > 10_000
         print(f"screenshot saved to {shot}")
+    finally:
+        browser.quit()
+
+
+def test_browser_clearing_by_icon_button_or_reload_forgets_the_image(app_url, tmp_path, monkeypatch):
+    """In a real page, the chatbot's clear icon, the Clear button and a page reload each start a conversation
+    without the image and delete the upload (follow-ups keeping the image: the API test above)."""
+    import time
+    import uuid
+
+    from gradio.utils import get_upload_folder
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, service = app_url
+    finished = []
+    seen = spy_on_images(service, monkeypatch, finished)
+    browser = _chromium_driver()
+    wait = WebDriverWait(browser, 120)
+
+    def ask_in_page(question: str, with_image: bool = False) -> str | None:
+        """Type a question (attaching a fresh picture) and return the image path the service got."""
+        if with_image:
+            name = f"pic-{uuid.uuid4().hex[:8]}.png"
+            picker = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]")))
+            picker.send_keys(str(png(tmp_path / name, "blue")))
+            wait.until(lambda b: list(Path(get_upload_folder()).glob(f"*/{name}")))  # the upload is done
+        before = len(seen)
+        box = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "textarea")))
+        box.send_keys(question)
+        box.send_keys(Keys.ENTER)
+        wait.until(lambda b: len(finished) > before)
+        time.sleep(0.5)  # the last streamed state reaches the page
+        return seen[-1]
+
+    def short_answers() -> None:
+        """Max new tokens (the third slider's number box) down to 8, so that each answer is quick."""
+        number = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "input[type=number]")[2:])[0]
+        number.send_keys(Keys.CONTROL, "a")
+        number.send_keys("8", Keys.TAB)
+
+    def gone(path: str) -> None:
+        wait.until(lambda b: not Path(path).exists())
+
+    try:
+        browser.get(url)
+        short_answers()
+        first = ask_in_page("What is this?", with_image=True)
+        assert first is not None and Path(first).is_file()
+        browser.find_element(By.CSS_SELECTOR, "button[aria-label='Clear']").click()  # the chatbot's trash icon
+        gone(first)
+        assert ask_in_page("What is this?") is None
+
+        second = ask_in_page("What is this?", with_image=True)
+        assert second is not None
+        browser.find_element(By.XPATH, "//button[normalize-space()='Clear conversation']").click()
+        gone(second)
+        assert ask_in_page("What is this?") is None
+
+        third = ask_in_page("What is this?", with_image=True)
+        assert third is not None
+        browser.refresh()
+        gone(third)  # the page's unload ends its session
+        short_answers()
+        assert ask_in_page("What is this?") is None
     finally:
         browser.quit()
