@@ -1,4 +1,5 @@
-"""KV-cache decoding: sampling, stop conditions and streaming text.
+"""KV-cache decoding in small steps (gpt-fast style): pad, prefill, decode one token, decode n
+tokens, sample; and the streaming of text with stop strings.
 
 The adapter's prompt K/V (with the image token) is computed once per request by the caller and passed
 to every step; the base keeps its own static cache. Batched prompts are left-padded and the key mask
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .llama import AdapterKV, Llama
+from .llama import AdapterKV, KVCache, Llama
 from .tokenizer import Tokenizer
 
 
@@ -57,48 +58,81 @@ def sample(logits: Tensor, s: Sampling, generator: torch.Generator | None) -> Te
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def decode_tokens(base: Llama, prompts: Sequence[Sequence[int]], adapter: AdapterKV | None, s: Sampling,
-                  eos_ids: Sequence[int]) -> Iterator[Tensor]:
-    """Yield the next token of every sequence [B] per step; a finished sequence keeps yielding eos."""
-    device = base.device
-    b = len(prompts)
-    longest = max(len(p) for p in prompts)
+def check_length(base: Llama, longest: int, max_new_tokens: int) -> int:
+    """Cache length a request needs (prompt + new tokens), refused when it exceeds the model's context."""
     if longest == 0:
         raise ValueError("every prompt needs at least one token")
-    total = longest + s.max_new_tokens
+    total = longest + max_new_tokens
     if total > base.config.max_seq_len:
-        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({s.max_new_tokens}) exceed the model's "
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
                          f"context of {base.config.max_seq_len}; truncate the prompt or ask for fewer tokens")
-    generator = None
-    if s.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(s.seed)
-    # Inference mode is entered per step, never across a `yield`: the consumer may resume this
-    # generator on another thread (web servers do), where a mode entered here would not be active.
+    return total
+
+
+def left_pad(prompts: Sequence[Sequence[int]], total: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """Prompts as one left-padded batch: tokens [B, T] and key_mask [B, total] (None without padding).
+
+    key_mask is True at real tokens, generated slots included; it keeps padding out of attention and
+    out of the RoPE positions.
+    """
+    longest = max(len(p) for p in prompts)
+    tokens = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+    key_mask = torch.ones(len(prompts), total, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        key_mask[i, : longest - len(p)] = False
+    return tokens, key_mask if bool((~key_mask[:, :longest]).any()) else None
+
+
+def prefill(base: Llama, tokens: Tensor, cache: list[KVCache], key_mask: Tensor | None,
+            adapter: AdapterKV | None) -> Tensor:
+    """Run the prompts [B, T] into the cache slots 0..T-1; logits [B, V] of the last position."""
+    input_pos = torch.arange(tokens.shape[1], device=tokens.device)
+    h = base(tokens, input_pos=input_pos, cache=cache, key_mask=key_mask, adapter=adapter)  # [B, T, C]
+    return base.head(h[:, -1])
+
+
+def decode_one_token(base: Llama, token: Tensor, pos: int, cache: list[KVCache], key_mask: Tensor | None,
+                     adapter: AdapterKV | None) -> Tensor:
+    """One step: the tokens [B] at cache slot `pos` in, logits [B, V] of the next token out."""
+    input_pos = torch.tensor([pos], device=token.device)
+    h = base(token[:, None], input_pos=input_pos, cache=cache, key_mask=key_mask, adapter=adapter)  # [B, 1, C]
+    return base.head(h[:, -1])
+
+
+def decode_n_tokens(base: Llama, logits: Tensor, pos: int, n: int, cache: list[KVCache], key_mask: Tensor | None,
+                    adapter: AdapterKV | None, s: Sampling, eos_ids: Sequence[int]) -> Iterator[Tensor]:
+    """Sample up to n tokens [B] from `logits` [B, V] onwards, the first written at cache slot `pos`.
+
+    Stops when every sequence has ended; a finished sequence keeps yielding its eos. Inference mode is
+    entered per step, never across a `yield`: the consumer may resume this generator on another thread
+    (web servers do), where a mode entered here would not be active.
+    """
+    device = logits.device
+    generator = None if s.seed is None else torch.Generator(device=device).manual_seed(s.seed)
     with torch.inference_mode():
-        tokens = torch.zeros(b, longest, dtype=torch.long, device=device)
-        key_mask = torch.ones(b, total, dtype=torch.bool, device=device)  # generated slots are real tokens
-        for i, p in enumerate(prompts):  # left padding
-            tokens[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
-            key_mask[i, : longest - len(p)] = False
-        padding_mask = key_mask if bool((~key_mask[:, :longest]).any()) else None
         eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=device)
-        done = torch.zeros(b, dtype=torch.bool, device=device)
-        cache = base.layer_caches(base.new_cache(b, total))
-        h = base(tokens, input_pos=torch.arange(longest, device=device), cache=cache, key_mask=padding_mask,
-                 adapter=adapter)
-        logits = base.head(h[:, -1])  # [B, V]
-    for step in range(s.max_new_tokens):
+        done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
+    for step in range(n):
         with torch.inference_mode():
-            nxt = sample(logits, s, generator)
-            nxt = torch.where(done, eos[0], nxt)
-            done |= torch.isin(nxt, eos)
-        yield nxt
-        if bool(done.all()) or step == s.max_new_tokens - 1:
+            token = torch.where(done, eos[0], sample(logits, s, generator))
+            done |= torch.isin(token, eos)
+        yield token
+        if bool(done.all()) or step == n - 1:
             return
         with torch.inference_mode():
-            pos = torch.tensor([longest + step], device=device)
-            h = base(nxt[:, None], input_pos=pos, cache=cache, key_mask=padding_mask, adapter=adapter)
-            logits = base.head(h[:, -1])
+            logits = decode_one_token(base, token, pos + step, cache, key_mask, adapter)
+
+
+def decode_tokens(base: Llama, prompts: Sequence[Sequence[int]], adapter: AdapterKV | None, s: Sampling,
+                  eos_ids: Sequence[int]) -> Iterator[Tensor]:
+    """Yield the next token of every sequence [B] per step: pad, prefill, then decode n tokens."""
+    total = check_length(base, max(len(p) for p in prompts), s.max_new_tokens)
+    with torch.inference_mode():
+        tokens, key_mask = left_pad(prompts, total, base.device)
+        cache = base.layer_caches(base.new_cache(len(prompts), total))
+        logits = prefill(base, tokens, cache, key_mask, adapter)  # [B, V]
+    yield from decode_n_tokens(base, logits, tokens.shape[1], s.max_new_tokens, cache, key_mask, adapter, s, eos_ids)
 
 
 class TextStream:
