@@ -37,13 +37,30 @@ def matvec_or_matmul(x: Tensor, weight: Tensor) -> Tensor:
 
 
 class Linear(nn.Linear):
-    """A bias-free projection whose one-token product uses every core (`matvec_or_matmul`)."""
+    """A bias-free frozen projection whose one-token product uses every core (`matvec_or_matmul`).
+
+    quant.py has int8 / 4-bit drop-ins with the same interface (forward, `dense_weight`)."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return matvec_or_matmul(x, self.weight)
+
+    def dense_weight(self) -> Tensor:
+        """The weight [out, in] as a plain tensor (the quantised linears dequantise here)."""
+        return self.weight
+
+
+class Embedding(nn.Embedding):
+    """The token embedding; with tied weights also the LM head (`project`). quant.Int8Embedding is its drop-in."""
+
+    def project(self, h: Tensor) -> Tensor:
+        """Logits [..., vocab] from final-normed hidden states [..., C]."""
+        return matvec_or_matmul(h, self.weight)
+
+    def dense_weight(self) -> Tensor:
+        return self.weight
 
 
 class RMSNorm(nn.Module):
@@ -173,10 +190,16 @@ class Attention(nn.Module):
         self.wv = Linear(config.dim, config.n_kv_heads * self.head_dim)
         self.wo = Linear(config.n_heads * self.head_dim, config.dim)
 
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """The activations' dtype: the weights' for float bases, fp32 (the norms') for quantised ones."""
+        weight = getattr(self.wo, "weight", None)
+        return weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+
     def project_prompt(self, prompt: Tensor) -> tuple[Tensor, Tensor]:
         """Adaptation prompts [Bp, K, C] through this layer's frozen W_k / W_v, without RoPE."""
         bp, n, _ = prompt.shape
-        prompt = prompt.to(self.wk.weight.dtype)
+        prompt = prompt.to(self.activation_dtype)
         k = self.wk(prompt).view(bp, n, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [Bp, G, K, d]
         v = self.wv(prompt).view(bp, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return k, v
@@ -234,7 +257,7 @@ class Llama(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_embeddings = Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = None if config.tie_embeddings else Linear(config.dim, config.vocab_size)
@@ -255,17 +278,17 @@ class Llama(nn.Module):
 
     def head_weight(self) -> Tensor:
         """The LM head's weight [vocab, C]: the token embedding when tied."""
-        return self.tok_embeddings.weight if self.output is None else self.output.weight
+        return self.tok_embeddings.dense_weight() if self.output is None else self.output.dense_weight()
 
     def head(self, h: Tensor) -> Tensor:
         """Logits [..., vocab] from final-normed hidden states [..., C]."""
-        return matvec_or_matmul(h, self.head_weight())
+        return self.tok_embeddings.project(h) if self.output is None else self.output(h)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> Tensor:
         """Zeroed cache storage [2, n_layers, B, n_kv_heads, max_len, head_dim]; see `layer_caches`."""
-        c, w = self.config, self.tok_embeddings.weight
-        return torch.zeros(2, c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, dtype=dtype or w.dtype,
-                           device=w.device)
+        c, norm = self.config, self.norm.weight  # the activations' dtype, also for quantised weights
+        return torch.zeros(2, c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, dtype=dtype or norm.dtype,
+                           device=norm.device)
 
     @staticmethod
     def layer_caches(storage: Tensor) -> list[KVCache]:

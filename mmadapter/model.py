@@ -303,7 +303,7 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
-def load_base(spec: str = DEFAULT_BASE, dtype: torch.dtype | None = None,
+def load_base(spec: str = DEFAULT_BASE, dtype: torch.dtype | str | None = None,
               device: str | torch.device | None = None) -> MMAdapter:
     """A frozen base with its tokenizer and no adapter: an embedded name, a preset, a path or a hub id."""
     loaded = load_checkpoint(spec, dtype=dtype, device=device)
@@ -314,7 +314,7 @@ def load_base(spec: str = DEFAULT_BASE, dtype: torch.dtype | None = None,
 
 
 def build_model(base: str | MMAdapter = DEFAULT_BASE, adapter: AdapterConfig | None = None,
-                vision: VisionConfig | None = None, *, dtype: torch.dtype | None = None,
+                vision: VisionConfig | None = None, *, dtype: torch.dtype | str | None = None,
                 device: str | torch.device | None = None, seed: int | None = None) -> MMAdapter:
     """Base + a fresh adapter (+ a frozen CLIP tower and a projector when `vision` is given)."""
     model = base if isinstance(base, MMAdapter) else load_base(base, dtype=dtype, device=device)

@@ -27,7 +27,9 @@ import torch
 from torch import Tensor
 
 from .config import LLAMA_PRESETS, LlamaConfig, RopeScaling
+from .gguf_tensor import GGUFTensor, gguf_shape, gguf_tensor
 from .llama import Llama, rope_inv_freq
+from .quant import build_quantized, resolve_dtype
 from .safe_io import check_gguf_header, load_torch_weights, read_json_object
 from .tokenizer import Tokenizer
 
@@ -57,19 +59,24 @@ class LoadedBase:
 # Entry point
 
 
-def load_checkpoint(spec: str | os.PathLike, dtype: torch.dtype | None = None,
+def load_checkpoint(spec: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     device: str | torch.device | None = None) -> LoadedBase:
-    """Load a frozen base from an embedded name, a preset (random weights), a local path or a hub id."""
+    """Load a frozen base from an embedded name, a preset (random weights), a local path or a hub id.
+
+    dtype: a float dtype, or "int8" / "int4" for a weight-only quantised base (quant.py); default fp32 on
+    CPU, bf16 on GPU."""
     device = torch.device(device or "cpu")
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(dtype, device)
     spec_str = str(spec)
     if spec_str in EMBEDDED:
         path, name = embedded_path(spec_str), spec_str
     elif spec_str in LLAMA_PRESETS and not Path(spec_str).exists():
         log.warning("base %r is a shape preset: the weights are RANDOM and there is no tokenizer", spec_str)
         torch.manual_seed(0)
+        config = LlamaConfig.from_name(spec_str)
         with torch.device(device):
-            model = Llama(LlamaConfig.from_name(spec_str)).to(dtype)
+            model = Llama(config)
+        model = build_llama(config, model.state_dict(), dtype, device, source="random")
         return LoadedBase(_frozen(model), None, spec_str, "random", fingerprint(model))
     elif Path(spec_str).expanduser().exists():
         path, name = Path(spec_str).expanduser(), Path(spec_str).name
@@ -84,7 +91,7 @@ def load_checkpoint(spec: str | os.PathLike, dtype: torch.dtype | None = None,
     return LoadedBase(model, tokenizer, name, str(path), fingerprint(model))
 
 
-def read_checkpoint(path: Path) -> tuple[LlamaConfig, dict[str, Tensor], Tokenizer | None]:
+def read_checkpoint(path: Path) -> tuple[LlamaConfig, dict[str, Tensor | GGUFTensor], Tokenizer | None]:
     """Dispatch on the layout: a .gguf file, an HF directory (config.json) or a Meta directory (params.json)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
@@ -128,13 +135,17 @@ def _download(repo_id: str) -> Path:
 # Building the module
 
 
-def build_llama(config: LlamaConfig, state: dict[str, Tensor], dtype: torch.dtype, device: torch.device,
-                source: str) -> Llama:
-    """Assign a complete state dict to a meta-initialised Llama, checking names and shapes first."""
+def build_llama(config: LlamaConfig, state: dict[str, Tensor | GGUFTensor], dtype: torch.dtype | str,
+                device: torch.device, source: str) -> Llama:
+    """Assign a complete state dict (tensors, or GGUF tensors decoded one at a time) to a meta-initialised
+    Llama, checking names and shapes first; dtype "int8" / "int4" quantises the linear layers."""
     check_shapes(config, {k: tuple(v.shape) for k, v in state.items()}, source)
     with torch.device("meta"):
         model = Llama(config)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    if isinstance(dtype, str):
+        return _frozen(build_quantized(model, state, dtype, device))
+    state = {k: (v if isinstance(v, Tensor) else v.dense()).to(device=device, dtype=dtype)
+             for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return _frozen(model)
 
@@ -444,7 +455,7 @@ _GGUF_LAYER_KEYS = {
 }
 
 
-def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, Tensor], Tokenizer]:
+def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, GGUFTensor], Tokenizer]:
     from gguf import GGUFReader
 
     try:
@@ -467,7 +478,7 @@ def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, Tensor], Tokenizer]:
         elif t.name in _GGUF_KEYS:
             tensors[_GGUF_KEYS[t.name]] = t
         elif t.name == "rope_freqs.weight":
-            rope_freqs = _gguf_tensor(t, path)
+            rope_freqs = gguf_tensor(t, path)
         else:
             tensors[t.name] = t  # reported as unexpected by check_shapes
     try:
@@ -489,25 +500,11 @@ def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, Tensor], Tokenizer]:
         raise CheckpointError(f"{path}: GGUF metadata lacks {e}") from e
     except (TypeError, ValueError, ArithmeticError) as e:  # a string or a list where a number belongs
         raise CheckpointError(f"{path}: malformed GGUF metadata ({type(e).__name__}: {e})") from e
-    check_shapes(config, {k: _gguf_shape(t) for k, t in tensors.items()}, str(path))
-    state = {k: _gguf_tensor(t, path) for k, t in tensors.items()}
-    return config, qk_to_half_split(state, config), tokenizer
-
-
-def _gguf_shape(t: Any) -> tuple[int, ...]:
-    """A GGUF tensor's shape in PyTorch order (GGUF lists the fastest-varying dimension first)."""
-    return tuple(reversed([int(d) for d in t.shape]))
-
-
-def _gguf_tensor(t: Any, path: Path) -> Tensor:
-    """One GGUF tensor dequantised to float32."""
-    from gguf.quants import dequantize
-
-    try:
-        array = np.ascontiguousarray(dequantize(t.data, t.tensor_type).reshape(_gguf_shape(t)), dtype=np.float32)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot decode tensor {t.name} of type {t.tensor_type.name} ({e})") from e
-    return torch.from_numpy(array if array.flags.writeable else array.copy())  # F32 data is a read-only memmap
+    check_shapes(config, {k: gguf_shape(t) for k, t in tensors.items()}, str(path))
+    heads = {"wq": config.n_heads, "wk": config.n_kv_heads}  # llama.cpp's q/k row order, undone per tensor
+    state = {k: GGUFTensor(t, path, heads.get(k.split(".")[-2], 0) if k.startswith("layers.") else 0)
+             for k, t in tensors.items()}
+    return config, state, tokenizer
 
 
 def _gguf_rope_scaling(rope_freqs: Tensor | None, theta: float, path: Path) -> RopeScaling | None:

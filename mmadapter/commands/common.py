@@ -15,8 +15,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="load an adapter whose base fingerprint differs (same model, other format/quantisation)")
     add_vision_arg(p, "the image tower of a multimodal adapter, when it is not where the adapter file says "
                       "(e.g. moved weights)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="weights dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "int8", "int4"], default=None,
+                   help="weights dtype, or int8 / int4 for a weight-only quantised base on CPU "
+                        "(default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
 
 
@@ -56,15 +57,12 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 
 def load_model(args: argparse.Namespace):
     """Base (+ adapter) from the shared model flags."""
-    import torch
-
     from ..adapter_file import load_adapter
     from ..model import load_base
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.vision is not None and not args.adapter:
         raise ValueError("--vision names the image tower of a multimodal adapter; pass that adapter with --adapter")
-    model = load_base(args.base, dtype=dtype, device=args.device)
+    model = load_base(args.base, dtype=args.dtype, device=args.device)
     if args.adapter:
         load_adapter(model, args.adapter, allow_base_mismatch=args.allow_base_mismatch, vision=args.vision)
     return model

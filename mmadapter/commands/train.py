@@ -29,8 +29,9 @@ class ModelOptions:
     """How the CLI builds the model that the Python API receives ready-made."""
 
     base: str = _opt(DEFAULT_BASE, "base model: embedded name, preset, local dir/.gguf, or hub id")
-    dtype: str | None = _opt(None, "base weights dtype (default: float32 on CPU, bfloat16 on GPU)",
-                             choices=("float32", "bfloat16", "float16"))
+    dtype: str | None = _opt(None, "base weights dtype, or int8 / int4 for a weight-only quantised base on CPU "
+                             "(default: float32 on CPU, bfloat16 on GPU)",
+                             choices=("float32", "bfloat16", "float16", "int8", "int4"))
     device: str | None = _opt(None, "cpu, cuda, cuda:1 ... (default: cuda if available, per local rank)")
     n_prompts: int = _opt(10, "adaptation prompts per layer (K)")
     n_layers: int | None = _opt(None, "adapted top layers (L; default: all but the bottom two)")
@@ -163,7 +164,7 @@ def build_training_model(options: ModelOptions, seed: int, fsdp: bool = False) -
     if options.vision:
         vision = VisionConfig.from_spec(options.vision, n_scales=options.vision_scales,
                                         projector_hidden=options.projector_hidden)
-    dtype = getattr(torch, options.dtype) if options.dtype else None
+    dtype = options.dtype
     shard_later = fsdp and torch.device(device).type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1
     model = build_model(options.base, AdapterConfig(n_prompts=options.n_prompts, n_layers=options.n_layers,
                                                       gate=options.gate),

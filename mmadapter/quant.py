@@ -1,0 +1,283 @@
+"""Weight-only quantised frozen linears: int8 per output channel and 4-bit group-wise.
+
+The frozen base's projections can be stored as int8 (one scale per output row) or 4-bit (groups of 32
+inputs, a scale and a zero each) and multiplied by PyTorch's own weight-only CPU kernels
+(`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`). Those kernels are fast only with bf16
+activations (measured on AVX2 and AVX-512 CPUs: fp32 activations run 5-20x slower than fp32 `F.linear`),
+so a few rows (decoding, short prompts) go through them in bf16, while many rows (prefill of long
+prompts, training) dequantise one slice of rows at a time and use an ordinary fp32 matmul.
+
+Every quantised module is a drop-in for a frozen `llama.Linear` / `llama.Embedding`: `forward(x)` is
+x Wᵀ in x's dtype, `dense_weight()` gives W (dequantised), and gradients flow to the input (never to
+the weights) through `_FrozenMatmul`, so adapters, gates, projectors and LoRA terms around them train.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LlamaConfig
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("int8", "int4")
+GROUP_SIZE = 32  # inputs per 4-bit group: GGUF's Q4_0 / Q4_1 block, so those load without requantising
+KERNEL_MAX_ROWS = 64  # above this many rows a dequantised fp32 matmul is faster than the bf16 kernels
+ROW_CHUNK = 2048  # output rows dequantised at a time on the many-rows path and in backward
+_INT4_BLOCK_N = 32  # the CPU int4 kernel packs 32 output rows together (rows j and j+16 share a byte)
+
+
+def kernels_available(device: torch.device) -> bool:
+    """True where PyTorch's weight-only int8/int4 kernels exist for this device (CPU builds)."""
+    ops = torch.ops.aten
+    return device.type == "cpu" and hasattr(ops, "_weight_int8pack_mm") and hasattr(ops, "_weight_int4pack_mm_for_cpu")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | str:
+    """The weights' dtype or quantisation scheme to use on `device`; a scheme without kernels there falls
+    back to the device's float default with a one-line warning (never an error)."""
+    default = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in SCHEMES:
+        if kernels_available(device):
+            return dtype
+        log.warning("%s weights need PyTorch's weight-only CPU kernels, not available on %s: using %s instead",
+                    dtype, device, str(default).removeprefix("torch."))
+        return default
+    named = getattr(torch, str(dtype), None)
+    if isinstance(named, torch.dtype) and named.is_floating_point:
+        return named
+    raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16, float16, or a quantised base: "
+                     f"{', '.join(SCHEMES)}")
+
+
+class _FrozenMatmul(torch.autograd.Function):
+    """y = x Wᵀ with a frozen quantised W: backward gives the input its gradient grad_y W, dequantising W
+    one slice of rows at a time (the weight itself never gets a gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, layer: QuantLinear) -> Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return layer.matmul(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        layer: QuantLinear = ctx.layer
+        grad_x = None
+        for start in range(0, layer.out_features, ROW_CHUNK):
+            end = min(start + ROW_CHUNK, layer.out_features)
+            part = grad[..., start:end] @ layer.dequantize(start, end, grad.dtype)  # [..., in]
+            grad_x = part if grad_x is None else grad_x.add_(part)
+        return grad_x, None
+
+
+class QuantLinear(nn.Module):
+    """Shared behaviour of the quantised linears; subclasses store the codes and implement the kernel."""
+
+    in_features: int
+    out_features: int
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FrozenMatmul.apply(x, self)
+        return self.matmul(x)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """x [..., in] -> [..., out] in x's dtype."""
+        rows = x.numel() // self.in_features
+        if rows <= KERNEL_MAX_ROWS:
+            y = self.kernel(x.reshape(rows, self.in_features).to(torch.bfloat16))  # [rows, out] bf16
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        parts = [F.linear(x, self.dequantize(s, min(s + ROW_CHUNK, self.out_features), x.dtype))
+                 for s in range(0, self.out_features, ROW_CHUNK)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def dense_weight(self) -> Tensor:
+        """The dequantised weight [out, in] in fp32 (a new tensor: the codes stay the stored form)."""
+        return self.dequantize(0, self.out_features, torch.float32)
+
+    def kernel(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def dequantize(self, start: int, end: int, dtype: torch.dtype) -> Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Int8Linear(QuantLinear):
+    """W ≈ codes * scale, int8 codes [out, in] and one scale per output row (symmetric, absmax / 127)."""
+
+    def __init__(self, codes: Tensor, scales: Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.register_buffer("weight_int8", codes)  # [out, in] int8
+        self.register_buffer("weight_scale", scales.to(torch.bfloat16))  # [out]: the kernel's dtype
+
+    @classmethod
+    def from_float(cls, weight: Tensor) -> Int8Linear:
+        return cls(*quantize_int8(weight))
+
+    def kernel(self, x: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.weight_scale)
+
+    def dequantize(self, start: int, end: int, dtype: torch.dtype) -> Tensor:
+        return self.weight_int8[start:end].to(dtype) * self.weight_scale[start:end, None].to(dtype)
+
+
+class Int4Linear(QuantLinear):
+    """W ≈ (q - 8) * scale + zero per group of 32 inputs, q in 0..15, packed in the CPU kernel's layout."""
+
+    def __init__(self, codes: Tensor, scales: Tensor, zeros: Tensor) -> None:
+        """codes [out, in] (0..15, any integer dtype); scales, zeros [out, in / GROUP_SIZE]."""
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        self.register_buffer("weight_int4", packed)  # [out, in / 2] uint8
+        # [in / GROUP_SIZE, out, 2]: (scale, zero) per group, transposed as the kernel wants them
+        self.register_buffer("weight_scale_zero", torch.stack((scales, zeros), -1).transpose(0, 1)
+                             .to(torch.bfloat16).contiguous())
+
+    @classmethod
+    def from_float(cls, weight: Tensor) -> Int4Linear:
+        return cls(*quantize_int4(weight))
+
+    @staticmethod
+    def supports(shape: tuple[int, ...]) -> bool:
+        return len(shape) == 2 and shape[0] % _INT4_BLOCK_N == 0 and shape[1] % GROUP_SIZE == 0
+
+    def kernel(self, x: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight_int4, GROUP_SIZE, self.weight_scale_zero)
+
+    def codes(self, start: int, end: int) -> Tensor:
+        """The 4-bit codes [end - start, in] (uint8, 0..15) of output rows start..end (multiples of 32).
+
+        The kernel's layout: per block of 32 output rows and per input k, 16 bytes whose low nibbles hold
+        rows 0..15 of the block and high nibbles rows 16..31."""
+        blocks = self.weight_int4[start:end].view(-1, self.in_features, 16)  # [blocks, in, 16]
+        codes = torch.stack((blocks & 15, blocks >> 4), dim=1)  # [blocks, 2, in, 16]
+        return codes.permute(0, 1, 3, 2).reshape(end - start, self.in_features)
+
+    def dequantize(self, start: int, end: int, dtype: torch.dtype) -> Tensor:
+        sz = self.weight_scale_zero[:, start:end].to(dtype)  # [groups, rows, 2]
+        scale = sz[..., 0].t().repeat_interleave(GROUP_SIZE, dim=1)  # [rows, in]
+        zero = sz[..., 1].t().repeat_interleave(GROUP_SIZE, dim=1)
+        return (self.codes(start, end).to(dtype) - 8) * scale + zero
+
+
+class Int8Embedding(nn.Module):
+    """The token embedding as int8 rows with one scale each; also the tied LM head (`project`)."""
+
+    def __init__(self, codes: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.head = Int8Linear(codes, scales)
+        self.dtype = dtype
+
+    @property
+    def weight(self) -> Tensor:
+        """The int8 codes [vocab, C] (their device is the model's device)."""
+        return self.head.weight_int8
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head.weight_int8[tokens].to(self.dtype) * self.head.weight_scale[tokens, None].to(self.dtype)
+
+    def project(self, h: Tensor) -> Tensor:
+        """Logits [..., vocab] from hidden states [..., C]."""
+        return self.head(h)
+
+    def dense_weight(self) -> Tensor:
+        return self.head.dense_weight()
+
+
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8: codes [out, in] int8 and scales [out] (fp32), W ≈ codes * scale."""
+    w = weight.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    codes = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes, scales
+
+
+def quantize_int4(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric 4-bit per group of GROUP_SIZE inputs (min/max): codes [out, in] uint8 in 0..15, scales
+    and zeros [out, in / GROUP_SIZE] with W ≈ (codes - 8) * scale + zero, the kernel's convention."""
+    out, inp = weight.shape
+    w = weight.float().reshape(out, inp // GROUP_SIZE, GROUP_SIZE)
+    lo, hi = w.amin(-1), w.amax(-1)  # [out, groups]
+    scales = ((hi - lo) / 15).clamp(min=1e-12)
+    codes = torch.round((w - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
+    # store the bf16-rounded scale/zero the kernel will use, and pick zero so code 0 lands on the minimum
+    scales = scales.to(torch.bfloat16).float()
+    zeros = lo + 8 * scales
+    return codes.reshape(out, inp), scales, zeros
+
+
+# ----------------------------------------------------------------------------------------------
+# Building a quantised base
+
+
+def quantize_linear(source: Tensor | Any, scheme: str) -> nn.Module:
+    """The factory: a frozen weight [out, in] (a tensor, or a lazily read GGUF tensor) as a quantised linear.
+
+    GGUF Q4_0 / Q4_1 blocks become int4 without passing through fp32; a shape the 4-bit kernel cannot
+    take (out not a multiple of 32, in not of 32) is stored as int8 instead.
+    """
+    shape = tuple(source.shape)
+    if scheme == "int4" and Int4Linear.supports(shape):
+        blocks = getattr(source, "int4_parts", lambda: None)()
+        return Int4Linear(*blocks) if blocks is not None else Int4Linear.from_float(_dense(source))
+    if scheme == "int4":
+        log.warning("a %s weight cannot use the 4-bit kernel (needs multiples of 32): stored as int8", shape)
+    return Int8Linear.from_float(_dense(source))
+
+
+def _dense(source: Tensor | Any) -> Tensor:
+    return source if isinstance(source, Tensor) else source.dense()
+
+
+def build_quantized(model: nn.Module, state: Mapping[str, Any], scheme: str, device: torch.device) -> nn.Module:
+    """Fill a meta-device Llama from `state`, one tensor at a time: linear weights through `quantize_linear`,
+    the token embedding (also the tied head) and an untied head as int8, norms in fp32. No full-precision
+    copy of the model is ever held, so a 4-bit load peaks far below an fp32 one."""
+    from .llama import Embedding, Linear
+
+    for name, module in list(model.named_modules()):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if name else None
+        if isinstance(module, Embedding):
+            new: nn.Module = Int8Embedding(*quantize_int8(_dense(state[f"{name}.weight"])))
+        elif isinstance(module, Linear):
+            source = state[f"{name}.weight"]
+            new = Int8Linear.from_float(_dense(source)) if name == "output" else quantize_linear(source, scheme)
+        else:
+            continue
+        setattr(parent, attr, new.to(device))
+    for name, _ in list(model.named_parameters()):  # what is left: the norms, kept in fp32
+        owner, _, attr = name.rpartition(".")
+        tensor = _dense(state[name]).to(device=device, dtype=torch.float32)
+        setattr(model.get_submodule(owner), attr, nn.Parameter(tensor, requires_grad=False))
+    return model
+
+
+def bytes_per_token(config: LlamaConfig, dtype: torch.dtype | str) -> int:
+    """Bytes of weights one decoded token reads: every layer's projections and the LM head (the embedding
+    lookup reads one row, the norms are negligible); scales and zeros included for the quantised schemes."""
+    layer = (config.dim * config.head_dim * (config.n_heads * 2 + config.n_kv_heads * 2)
+             + 3 * config.dim * config.ffn_dim)
+    matrices, head = config.n_layers * layer, config.vocab_size * config.dim
+    if dtype == "int8":
+        rows = config.n_layers * (3 * config.dim + 2 * config.n_kv_heads * config.head_dim + 2 * config.ffn_dim)
+        return matrices + head + 2 * (rows + config.vocab_size)  # + one bf16 scale per output row
+    if dtype == "int4":
+        return matrices // 2 + matrices // GROUP_SIZE * 4 + head + 2 * config.vocab_size
+    size = torch.empty(0, dtype=dtype).element_size()  # type: ignore[arg-type]
+    return (matrices + head) * size

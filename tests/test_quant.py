@@ -1,0 +1,149 @@
+"""Weight-only quantised base: linears against the fp32 product, GGUF Q4 blocks against gguf's own
+dequantisation, training through an int8 base, state-dict and device guards, bytes per token."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmadapter import AdapterConfig, build_model, load_base
+from mmadapter.gguf_tensor import GGUFTensor
+from mmadapter.llama import Llama
+from mmadapter.quant import (KERNEL_MAX_ROWS, Int4Linear, Int8Linear, bytes_per_token, kernels_available,
+                             resolve_dtype)
+from mmadapter.weights import interleaved_to_half
+
+pytestmark = pytest.mark.skipif(not kernels_available(torch.device("cpu")),
+                                reason="this PyTorch build has no weight-only CPU kernels")
+
+# Relative error ‖y - y_fp32‖ / ‖y_fp32‖ allowed per scheme on Gaussian weights and inputs: int8 rounds each
+# weight to 1/254 of its row's range, 4-bit to 1/30 of its group's; bf16 activations add ~0.4%.
+TOLERANCE = {"int8": 0.01, "int4": 0.12}
+MAKERS = {"int8": Int8Linear, "int4": Int4Linear}
+
+
+def rel_err(y, ref):
+    return float((y.float() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 5, KERNEL_MAX_ROWS + 30])  # the bf16 kernel and the dequantised matmul
+def test_quantised_linear_matches_fp32(scheme, rows):
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 128), torch.randn(rows, 128)
+    layer = MAKERS[scheme].from_float(w)
+    ref = F.linear(x, w)
+    assert rel_err(layer(x), ref) < TOLERANCE[scheme]
+    assert layer(x).dtype == torch.float32 and layer(x[None]).shape == (1, rows, 96)
+    # both paths compute with the same dequantised weight (the kernel in bf16 activations)
+    assert rel_err(layer(x), F.linear(x, layer.dense_weight())) < 0.01
+
+
+def test_int4_codes_roundtrip_through_the_kernel_layout():
+    codes = torch.randint(0, 16, (64, 96), dtype=torch.uint8)
+    layer = Int4Linear(codes, torch.ones(64, 3), torch.zeros(64, 3))
+    assert torch.equal(layer.codes(0, 64), codes)
+    assert torch.equal(layer.codes(32, 64), codes[32:])
+    # the kernel itself reads what codes() says: x = identity recovers (codes - 8) column by column
+    out = layer(torch.eye(96))  # [in, out] = Wᵀ
+    assert torch.equal(out.t(), codes.float() - 8)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("permute_heads", [0, 2])
+def test_gguf_q4_blocks_load_without_dequantising(kind, permute_heads):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 96)).astype(np.float32) * 0.05 + 0.01
+    qtype = GGMLQuantizationType[kind]
+    blocks = quantize(w, qtype)
+    tensor = SimpleNamespace(data=blocks, tensor_type=qtype, shape=[96, 64], name="t")
+    ref = torch.from_numpy(dequantize(blocks, qtype).reshape(64, 96).astype(np.float32))
+    if permute_heads:
+        ref = interleaved_to_half(ref, permute_heads)
+    source = GGUFTensor(tensor, None, permute_heads)
+    codes, scales, zeros = source.int4_parts()
+    layer = Int4Linear(codes, scales, zeros)
+    # the reference is (codes - 8) * d + zero with gguf's own f16 scales (to fp32 rounding of m + 8d)
+    group = lambda t: t.repeat_interleave(32, dim=1)  # noqa: E731
+    torch.testing.assert_close((codes.float() - 8) * group(scales) + group(zeros), ref, rtol=0, atol=1e-6)
+    # the kernel holds the same codes; only its scales are rounded to bf16 (its scale dtype)
+    assert torch.equal(layer.codes(0, 64), codes)
+    bound = 2**-8 * (8 * group(scales).abs() + group(zeros).abs())
+    assert bool(((layer.dense_weight() - ref).abs() <= bound).all())
+
+
+def test_embedded_gguf_int4_layer_equals_dequantised_reference(smollm):
+    q4 = load_base("smollm2-135m-instruct", dtype="int4")
+    layer = q4.base.layers[3].attention.wq  # Q4_1 in the file, rows permuted to the half-split layout
+    assert isinstance(layer, Int4Linear)
+    ref = smollm.base.layers[3].attention.wq.weight  # gguf's dequantisation, permuted by the float loader
+    err = (layer.dense_weight() - ref).abs().max()
+    assert err <= 2**-7 * ref.abs().max(), float(err)
+    x = torch.randn(1, 576)
+    assert rel_err(layer(x), F.linear(x, ref)) < 0.01
+
+
+def test_training_over_an_int8_base_moves_only_the_adapter():
+    torch.manual_seed(0)
+    model = build_model("tiny", AdapterConfig(n_prompts=4, n_layers=2), dtype="int8", seed=0)
+    assert isinstance(model.base.layers[0].attention.wq, Int8Linear)
+    base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
+    adapter_before = {k: v.clone() for k, v in model.adapter.state_dict().items()}
+    tokens = torch.randint(3, 256, (4, 24), generator=torch.Generator().manual_seed(1))
+    labels = tokens.clone()
+    labels[:, :12] = -100
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=3e-2)
+    losses = []
+    for _ in range(25):
+        loss = model.loss(tokens, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    for k, v in model.base.state_dict().items():
+        assert torch.equal(v, base_before[k]), k
+    assert all(not torch.equal(v, adapter_before[k]) for k, v in model.adapter.state_dict().items())
+
+
+@pytest.mark.parametrize("rows", [3, KERNEL_MAX_ROWS + 10])
+def test_input_gradient_uses_the_dequantised_weight(rows):
+    torch.manual_seed(0)
+    layer = Int8Linear.from_float(torch.randn(64, 96))
+    x = torch.randn(rows, 96, requires_grad=True)
+    g = torch.randn(rows, 64)
+    (layer(x) * g).sum().backward()
+    torch.testing.assert_close(x.grad, g @ layer.dense_weight())
+
+
+def test_quantised_state_dict_is_not_a_full_precision_one():
+    q = load_base("tiny", dtype="int4")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        with torch.device("meta"):
+            Llama(q.base.config).load_state_dict(q.base.state_dict(), strict=True, assign=True)
+
+
+def test_unsupported_device_falls_back_with_one_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="mmadapter.quant"):
+        assert resolve_dtype("int8", torch.device("cuda")) == torch.bfloat16
+    assert len(caplog.records) == 1 and "int8" in caplog.text and "bfloat16" in caplog.text
+    with pytest.raises(ValueError, match="int4"):
+        resolve_dtype("int3", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_bytes_per_token_counts_the_stored_weights(scheme):
+    q = load_base("tiny", dtype=scheme)
+    read = sum(b.numel() * b.element_size() for name, b in q.base.named_buffers() if "norm" not in name)
+    assert bytes_per_token(q.base.config, scheme) == read
+    fp = load_base("tiny")
+    assert bytes_per_token(fp.base.config, torch.float32) == sum(
+        p.numel() * 4 for n, p in fp.base.named_parameters() if "norm" not in n)
