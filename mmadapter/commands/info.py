@@ -38,6 +38,8 @@ def describe(path: Path, fingerprint: bool = False) -> dict[str, Any]:
     """A JSON-able summary of `path`."""
     kind, path = _kind(path)
     info = {"path": str(path), **_DESCRIBE[kind](path)}
+    if kind in ("hf", "gguf"):
+        info["decode_bytes_per_token"] = _bytes_per_token(info)
     if kind in ("hf", "meta", "gguf") and fingerprint:
         from ..weights import load_checkpoint
 
@@ -231,6 +233,25 @@ def _gguf(path: Path) -> dict[str, Any]:
         "weights": {"tensors": len(reader.tensors), "parameters": sum(int(t.n_elements) for t in reader.tensors),
                     "types": dict(types), "file_bytes": path.stat().st_size},
     }
+
+
+def _bytes_per_token(info: dict[str, Any]) -> dict[str, int]:
+    """Weight bytes one decoded token reads, per dtype mmadapter can load the base in (`--dtype`)."""
+    from ..config import LlamaConfig
+    from ..quant import bytes_per_token
+
+    if "config" in info:
+        config = LlamaConfig.from_dict(info["config"])
+    else:
+        meta = info["metadata"]
+        heads = int(meta["llama.attention.head_count"])
+        config = LlamaConfig(dim=int(meta["llama.embedding_length"]), n_layers=int(meta["llama.block_count"]),
+                             n_heads=heads, n_kv_heads=int(meta.get("llama.attention.head_count_kv", heads)),
+                             ffn_dim=int(meta["llama.feed_forward_length"]),
+                             vocab_size=int(meta.get("llama.vocab_size", 0)) or
+                             int(str(meta["tokenizer.ggml.tokens"]).split()[0]))
+    return {dtype: bytes_per_token(config, getattr(torch, dtype, dtype))
+            for dtype in ("float32", "bfloat16", "int8", "int4")}
 
 
 _DESCRIBE = {"mmadapter": _mmadapter, "peft": _peft, "v1": _v1, "hf": _hf, "meta": _meta, "gguf": _gguf}
