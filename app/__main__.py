@@ -24,19 +24,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-size", type=int, default=32, help="requests waiting before new ones are refused")
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer chats are truncated with a note")
     p.add_argument("--max-file-size", default="20mb", help="largest upload accepted (default: 20mb)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "int8", "int4"], default=None,
+                   help="base weights dtype; int8 / int4: a weight-only quantised base on CPU")
     p.add_argument("--device", default=None)
 
 
 def build_service(args: argparse.Namespace):
-    import torch
-
     from mmadapter.adapter_set import AdapterSet
     from mmadapter.model import load_base
 
     from .service import ChatService
 
-    model = load_base(args.base, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
+    model = load_base(args.base, dtype=args.dtype, device=args.device)
     adapters_dir = Path(args.adapters_dir)
     adapters = AdapterSet.from_folder(model, adapters_dir, vision=args.vision) if adapters_dir.is_dir() \
         else AdapterSet(model, args.vision)

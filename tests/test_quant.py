@@ -147,3 +147,14 @@ def test_bytes_per_token_counts_the_stored_weights(scheme):
     fp = load_base("tiny")
     assert bytes_per_token(fp.base.config, torch.float32) == sum(
         p.numel() * 4 for n, p in fp.base.named_parameters() if "norm" not in n)
+
+
+def test_info_reports_decode_bytes_per_token():
+    from mmadapter.commands.info import describe
+    from mmadapter.weights import embedded_path
+
+    info = describe(embedded_path("smollm2-135m-instruct"))  # headers only
+    per_token = info["decode_bytes_per_token"]
+    norms = (2 * 30 + 1) * 576  # two per layer and the final one: not matrices
+    assert per_token["float32"] == 4 * (info["weights"]["parameters"] - norms)
+    assert per_token["float32"] == 2 * per_token["bfloat16"] > per_token["int8"] > per_token["int4"]

@@ -250,8 +250,8 @@ def _bytes_per_token(info: dict[str, Any]) -> dict[str, int]:
                              ffn_dim=int(meta["llama.feed_forward_length"]),
                              vocab_size=int(meta.get("llama.vocab_size", 0)) or
                              int(str(meta["tokenizer.ggml.tokens"]).split()[0]))
-    return {dtype: bytes_per_token(config, getattr(torch, dtype, dtype))
-            for dtype in ("float32", "bfloat16", "int8", "int4")}
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": "int8", "int4": "int4"}
+    return {name: bytes_per_token(config, dtype) for name, dtype in dtypes.items()}
 
 
 _DESCRIBE = {"mmadapter": _mmadapter, "peft": _peft, "v1": _v1, "hf": _hf, "meta": _meta, "gguf": _gguf}
