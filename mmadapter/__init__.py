@@ -1,10 +1,10 @@
 """mmadapter: a multimodal LLaMA-Adapter over a frozen LLaMA-family model."""
 
 from .adapter import Adapter
-from .config import AdapterConfig, LlamaConfig, VisionConfig
+from .config import AdapterConfig, LlamaConfig, TrainConfig, VisionConfig
 from .adapter_file import load_adapter, save_adapter
 from .model import MMAdapter, build_model, load_base
-from .train import TrainConfig, train
+from .train import train
 from .weights import CheckpointError
 
 __all__ = ["Adapter", "AdapterConfig", "CheckpointError", "LlamaConfig", "MMAdapter", "TrainConfig", "VisionConfig",

@@ -1,13 +1,19 @@
-"""Configuration dataclasses with named presets.
+"""Configuration dataclasses with named presets, and the checks that turn files and flags into them.
 
 Every config is a plain dataclass that round-trips through JSON (`to_dict` / `from_dict`), so the
-exact shapes travel inside adapter files and checkpoints.
+exact shapes travel inside adapter files and checkpoints. `TrainConfig` is strict instead: a
+training option that is unknown or of the wrong type is an error that names it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import json
+import os
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T", bound="_Serialisable")
@@ -177,3 +183,137 @@ class VisionConfig(_Serialisable):
 
 SELF_CONTAINED_TOWERS = ("hf-hub:", "local-dir:")  # open_clip names whose weights come with the name
 RANDOM_WEIGHTS = "none"
+
+
+PREFIX_CACHE_MODES = ("off", "memory", "disk")
+
+
+def option(default: Any, help: str, **metadata: Any) -> Any:
+    """A dataclass field with the help text (and choices) its command-line flag shows."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass
+class TrainConfig:
+    """Every training option; `mmadapter train --help` lists the same fields as flags."""
+
+    # data
+    data: str | None = option(None, "training data: a .json/.jsonl file (Alpaca, question/answer or LLaVA "
+                                    "conversations; optional \"image\" paths) or scienceqa:<dir>")
+    eval_data: str | None = option(None, "held-out data (same forms); its loss is logged after every epoch")
+    image_root: str | None = option(None, "folder that relative image paths start from (default: the data file's)")
+    template: str | None = option(None, "prompt template: alpaca, chat or plain (default: the model's)")
+    max_seq_len: int = option(512, "longer samples are truncated (and counted)")
+    scienceqa_format: str = option("QCM-A", "ScienceQA prompt format: QCM-A, QCM-ALE, CQM-A, CQM-ALE")
+    scienceqa_split: str = option("train", "ScienceQA split used for training")
+    scienceqa_eval_split: str = option("val", "ScienceQA split used for eval_data")
+    # optimisation
+    epochs: int = option(5, "passes over the training data")
+    batch_size: int = option(4, "samples per micro-batch on each process")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float | None = option(None, "peak learning rate (default: blr x effective batch / 256)")
+    blr: float = option(9e-3, "base learning rate for an effective batch of 256")
+    min_lr: float = option(0.0, "learning rate at the end of the cosine")
+    warmup_epochs: float = option(2.0, "linear warm-up length in (fractional) epochs")
+    weight_decay: float = option(0.02, "AdamW weight decay of prompts and projector weights (not gates, biases)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    clip_grad: float | None = option(None, "clip the gradient norm to this value (default: no clipping)")
+    on_nonfinite: str = option("stop", "a NaN/inf loss or gradient: stop (with a checkpoint of the state before "
+                                       "that batch) or skip the batch", choices=("stop", "skip"))
+    seed: int = option(0, "seed of the adapter initialisation and the batch order")
+    fsdp: bool = option(False, "under torchrun: shard the frozen layers across processes (FSDP) instead of a "
+                               "whole base per process, for bases too big for one device")
+    precision: str = option("auto", "auto: bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16",
+                            choices=("auto", "fp32", "bf16"))
+    group_by_length: bool = option(True, "batch samples of similar length together (less padding)")
+    # efficiency
+    prefix_cache: str = option("off", "cache the frozen layers' output per sample: off, memory or disk",
+                               choices=PREFIX_CACHE_MODES)
+    prefix_cache_mb: float = option(2048.0, "size bound of the prefix cache in MB (beyond it: recomputed)")
+    prefix_cache_dir: str | None = option(None, "directory of the disk prefix cache (default: <output_dir>/prefix_cache)")
+    feature_cache_dir: str | None = option(None, "keep image features on disk here (reused by later runs)")
+    feature_batch_size: int = option(32, "images per vision-tower batch when precomputing features")
+    # outputs
+    output_dir: str = option("runs/adapter", "adapter, logs, plot and checkpoints go here")
+    save_every: int = option(200, "write a checkpoint every N optimizer steps (0: only at the end)")
+    keep_last: int = option(2, "checkpoints kept on disk")
+    resume: bool = option(False, "continue from the latest checkpoint in output_dir (fresh start if none)")
+    allow_base_mismatch: bool = option(False, "resume a checkpoint whose base fingerprint differs")
+    progress: bool = option(True, "show progress bars")
+    plot: bool = option(True, "draw loss_curve.png at the end")
+
+    def __post_init__(self) -> None:
+        positive = ("max_seq_len", "epochs", "batch_size", "grad_accum", "feature_batch_size", "keep_last")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be at least 1")
+        for name in ("save_every", "blr", "min_lr", "warmup_epochs", "weight_decay", "prefix_cache_mb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 0")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"TrainConfig.lr={self.lr} must be positive (or None for blr scaling)")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"TrainConfig.clip_grad={self.clip_grad} must be positive (or None: no clipping)")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"TrainConfig.{f.name}={getattr(self, f.name)!r}: choose one of {', '.join(choices)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Build from a config file's mapping; unknown keys and wrong types are errors that name them."""
+        return cls(**coerce_fields(cls, values))
+
+
+def coerce_fields(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a mapping against a dataclass's fields: known names, matching types (int accepted as float)."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    out = {}
+    for name, value in values.items():
+        kind, optional = field_type(hints[name])
+        if value is None and optional:
+            out[name] = None
+        elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+        elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            out[name] = value
+        else:
+            raise ValueError(f"{cls.__name__}.{name}: expected {kind.__name__}{' or null' if optional else ''}, "
+                             f"got {value!r}")
+    return out
+
+
+def field_type(hint: Any) -> tuple[type, bool]:
+    """(base type, optional?) of a field annotation such as `float | None`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args:
+        return args[0], len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A flat mapping of options from a .json or .yaml/.yml file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot parse the config ({e})") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a config file holds one mapping of option names to values")
+    return values

@@ -73,6 +73,15 @@ class Distributed:
             fully_shard(layer.feed_forward, mesh=mesh, reshard_after_forward=True)
         layers.to(device)  # the norms; the sharded weights are there already
 
+    @staticmethod
+    def local_bytes(module: nn.Module) -> int:
+        """Bytes of parameters this process holds (its shards, under FSDP)."""
+        total = 0
+        for p in module.parameters():
+            t = p.to_local() if hasattr(p, "to_local") else p  # a DTensor's shard under FSDP
+            total += t.numel() * t.element_size()
+        return total
+
     @classmethod
     def setup(cls, device: torch.device) -> Distributed:
         """Join the torchrun process group when WORLD_SIZE > 1, or use one the caller initialised."""

@@ -27,9 +27,6 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-MODES = ("off", "memory", "disk")
-
-
 class PrefixCache:
     def __init__(self, mode: str, max_mb: float, namespace: str, directory: str | os.PathLike | None = None) -> None:
         if mode not in ("memory", "disk"):

@@ -23,13 +23,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .config import TrainConfig
 from .data.encode import IGNORE_INDEX, EncodedExample, encode_dataset
 from .data.records import Example, read_examples
 from .distributed import Distributed
 
 if TYPE_CHECKING:
     from .model import MMAdapter
-    from .train import TrainConfig
 
 SCIENCEQA_PREFIX = "scienceqa:"
 

@@ -12,36 +12,32 @@ import dataclasses
 import os
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ..config import GATE_KINDS
-from ..train import CONFIG_FILE, TrainConfig, coerce_fields, field_type, load_config_file
+from ..config import GATE_KINDS, TrainConfig, coerce_fields, field_type, load_config_file, option
+from ..train_log import CONFIG_FILE
 from ..weights import DEFAULT_BASE
-
-
-def _opt(default: Any, help: str, **metadata: Any) -> Any:
-    return field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass
 class ModelOptions:
     """How the CLI builds the model that the Python API receives ready-made."""
 
-    base: str = _opt(DEFAULT_BASE, "base model: embedded name, preset, local dir/.gguf, or hub id")
-    dtype: str | None = _opt(None, "base weights dtype, or int8 / int4 for a weight-only quantised base on CPU "
-                             "(default: float32 on CPU, bfloat16 on GPU)",
-                             choices=("float32", "bfloat16", "float16", "int8", "int4"))
-    device: str | None = _opt(None, "cpu, cuda, cuda:1 ... (default: cuda if available, per local rank)")
-    n_prompts: int = _opt(10, "adaptation prompts per layer (K)")
-    n_layers: int | None = _opt(None, "adapted top layers (L; default: all but the bottom two)")
-    gate: str = _opt("per-head", "one gate per attention head (the V1 method) or per layer (exports to PEFT)",
-                     choices=GATE_KINDS)
-    vision: str | None = _opt(None, "image tower for multimodal data, MODEL[:WEIGHTS] (WEIGHTS: open_clip tag, "
-                                    "local file or none for random weights; default tag openai), e.g. "
-                                    "ViT-L-14:openai or local-dir:<dir> (default: text-only)")
-    vision_scales: int = _opt(4, "depths whose global features feed the projector (M)")
-    projector_hidden: int = _opt(128, "hidden width of the projector MLP")
+    base: str = option(DEFAULT_BASE, "base model: embedded name, preset, local dir/.gguf, or hub id")
+    dtype: str | None = option(None, "base weights dtype, or int8 / int4 for a weight-only quantised base on CPU "
+                               "(default: float32 on CPU, bfloat16 on GPU)",
+                               choices=("float32", "bfloat16", "float16", "int8", "int4"))
+    device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda if available, per local rank)")
+    n_prompts: int = option(10, "adaptation prompts per layer (K)")
+    n_layers: int | None = option(None, "adapted top layers (L; default: all but the bottom two)")
+    gate: str = option("per-head", "one gate per attention head (the V1 method) or per layer (exports to PEFT)",
+                       choices=GATE_KINDS)
+    vision: str | None = option(None, "image tower for multimodal data, MODEL[:WEIGHTS] (WEIGHTS: open_clip tag, "
+                                      "local file or none for random weights; default tag openai), e.g. "
+                                      "ViT-L-14:openai or local-dir:<dir> (default: text-only)")
+    vision_scales: int = option(4, "depths whose global features feed the projector (M)")
+    projector_hidden: int = option(128, "hidden width of the projector MLP")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
