@@ -183,6 +183,25 @@ class MMAdapter(nn.Module):
         selected = targets != -100
         return head_cross_entropy(h[:, :-1][selected], self.base.head_weight(), targets[selected], reduction)
 
+    def last_token_logprobs(self, prompts: Sequence[Sequence[int]], images: Sequence[Any | None],
+                            adapter: Adapter | None = _UNSET) -> Tensor:
+        """Next-token log-probabilities [B, V] (fp32) after each prompt's last token: one right-padded pass.
+
+        Right padding needs no mask: causal attention keeps the padding after a row's last real token
+        out of it. Used to score answers (e.g. the option letters of a multiple-choice question).
+        """
+        device = self.device
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        pad_id = self._require_tokenizer().pad_id
+        tokens = torch.full((len(prompts), int(lengths.max())), pad_id, dtype=torch.long, device=device)
+        for row, ids in enumerate(prompts):
+            tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        with torch.inference_mode():
+            features, has_image = self.image_features(images)
+            hidden = self.base(tokens, adapter=self.adapter_kv(features, has_image, adapter))  # [B, T, C]
+            last = hidden[torch.arange(len(prompts), device=device), lengths - 1]  # [B, C]
+            return self.base.head(last).float().log_softmax(-1)
+
     # ------------------------------------------------------------------------------------------
     # generation
 
@@ -195,15 +214,18 @@ class MMAdapter(nn.Module):
                    adapter: Adapter | None = _UNSET) -> list[int]:
         """Token ids of a user prompt rendered with a template ("raw" = the text as is)."""
         tok = self._require_tokenizer()
+        return tok.encode(self.prompt_text(prompt, template, history, adapter), bos=tok.add_bos)
+
+    def prompt_text(self, prompt: str, template: str | None = None, history: Sequence[tuple[str, str]] = (),
+                    adapter: Adapter | None = _UNSET) -> str:
+        """The full text `prompt_ids` encodes: the prompt (and history) rendered with a template."""
+        tok = self._require_tokenizer()
         name = template or self.template_for(adapter)
         if name == "raw":
-            text = prompt
-        else:
-            from .data.templates import get_template
+            return prompt
+        from .data.templates import get_template
 
-            text = get_template(name).prompt(prompt, history=history, tokenizer=tok)
-        ids = tok.encode(text, bos=tok.add_bos)
-        return ids
+        return get_template(name).prompt(prompt, history=history, tokenizer=tok)
 
     def fit_prompt(self, prompt: str, history: Sequence[tuple[str, str]] = (), max_prompt_tokens: int | None = None,
                    template: str | None = None, adapter: Adapter | None = _UNSET) -> tuple[str, list[tuple[str, str]], str | None]:

@@ -1,8 +1,21 @@
-"""`mmadapter eval BENCHMARK`: benchmark evaluations; `scienceqa` is eval/scienceqa.py behind this command."""
+"""`mmadapter eval BENCHMARK`: benchmark evaluations. `scienceqa` runs `mmadapter.evaluation.scienceqa`;
+`python eval/scienceqa.py` (from a checkout) is the same command.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..data.scienceqa import load_scienceqa
+from ..evaluation.scienceqa import (DEFAULT_MAX_NEW_TOKENS, METRICS, MODES, PREDICTIONS, REPORT, RESULTS, EvalError,
+                                   check_options, evaluate, format_report)
+from .common import add_model_args, load_model
+
+SCIENCEQA_DESCRIPTION = "ScienceQA accuracy of a base (+ adapter), batched and resumable."
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -10,20 +23,63 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Evaluate a base (+ adapter) on a benchmark.")
     benchmarks = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     sqa = benchmarks.add_parser("scienceqa", help="ScienceQA accuracy (NAT SOC LAN TXT IMG NO G1-6 G7-12 Avg)",
-                                description="ScienceQA accuracy of a base (+ adapter), batched and resumable; "
-                                            "the same code as `python eval/scienceqa.py`.")
+                                description=SCIENCEQA_DESCRIPTION)
+    add_arguments(sqa)
+    sqa.set_defaults(func=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--model", dest="base", default=argparse.SUPPRESS, help="alias of --base")
+    p.add_argument("--data", required=True,
+                   help="ScienceQA: the original release dir (problems.json, pid_splits.json, images/), a local "
+                        "copy of the HF dataset (parquet or save_to_disk dir), or the hub id derek-thomas/ScienceQA")
+    p.add_argument("--split", default="test", help="test (default), val/validation, train, minival, ...")
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems of the split")
+    p.add_argument("--format", default="QCM-A", help="prompt format: QCM-A (default), QCM-ALE, CQM-A, CQM-ALE")
+    p.add_argument("--mode", choices=MODES, default="generate",
+                   help="generate: greedy answer, parsed (default); score: rank the option letters by log-probability")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"generate mode (default: {DEFAULT_MAX_NEW_TOKENS['A']} for -A, "
+                        f"{DEFAULT_MAX_NEW_TOKENS['ALE']} for -ALE formats)")
+    p.add_argument("--template", default=None,
+                   help="prompt template: chat, alpaca, plain, raw (default: the adapter's, else the model's)")
+    p.add_argument("--out", default=None, help="directory for predictions.jsonl (resumable), results.json "
+                                               "(official format), metrics.json and metrics.md")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier predictions in --out")
+    p.add_argument("--no-images", action="store_true", help="answer from the text only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    check_options(args.mode, args.format, args.batch_size, args.max_new_tokens, args.template)
+    problems, stats = load_scienceqa(args.data, split=args.split, limit=args.limit)  # before the slow model load
+    print(stats.summary(), file=sys.stderr)
+    if not problems:
+        raise EvalError(f"no problems to evaluate in split {args.split!r} of {args.data}")
+    model = load_model(args)
+    metrics = evaluate(model, problems, mode=args.mode, fmt=args.format, template=args.template,
+                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, use_images=not args.no_images,
+                       out=args.out, overwrite=args.overwrite, load_stats=stats, progress=not args.no_progress)
+    print(format_report(metrics), end="")
+    if args.out:
+        print(f"wrote {', '.join(str(Path(args.out) / n) for n in (RESULTS, METRICS, REPORT, PREDICTIONS))}",
+              file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python eval/scienceqa.py ...`: the `mmadapter eval scienceqa` command as a script."""
+    parser = argparse.ArgumentParser(prog="python eval/scienceqa.py", description=SCIENCEQA_DESCRIPTION)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        from eval import scienceqa
-    except ModuleNotFoundError as err:
-        if err.name not in ("eval", "eval.scienceqa"):
-            raise
-        sqa.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        sqa.set_defaults(func=_missing_eval_package)
-        return
-    scienceqa.add_arguments(sqa)
-    sqa.set_defaults(func=scienceqa.run)
-
-
-def _missing_eval_package(args: argparse.Namespace) -> int:
-    raise RuntimeError("the eval package (eval/scienceqa.py) is not importable here; install mmadapter from its "
-                       "source tree (pip install -e .) or run `python eval/scienceqa.py` from a checkout")
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as err:  # our errors carry the whole message
+        print(f"scienceqa: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2

@@ -1,7 +1,7 @@
-"""ScienceQA evaluation without the model: reader, prompt formats, answer parsing, metrics, result files.
+"""ScienceQA data: the reader and the prompt formats.
 
-Faithful to the official repository (lupantech/ScienceQA: `models/base_prompt.py`,
-`models/run_gpt3.py`, `tools/evaluate_acc.py`); the model calls live in `eval/scienceqa.py`.
+Faithful to the official repository (lupantech/ScienceQA: `models/base_prompt.py`); answer parsing,
+metrics, result files and the model calls live in `mmadapter.evaluation`.
 
 Sources (`load_scienceqa`):
 - the original release: a directory with `problems.json` ({pid: problem}), `pid_splits.json`
@@ -36,7 +36,7 @@ Prompt (`build_prompt`, the official QCM input with `use_caption=False`, test ex
 
 ("CQM" swaps the first two lines.) Target (`build_target`), what the model should write after
 "Answer:"; the letter is parenthesised as in MM-CoT's fine-tuning pairs (the official few-shot
-prompts wrote "The answer is B."; `parse_answer` reads both):
+prompts wrote "The answer is B."; `mmadapter.evaluation.parsing.parse_answer` reads both):
 
     A:   The answer is (B).
     ALE: The answer is (B). BECAUSE: {lecture} {solution}
@@ -46,18 +46,6 @@ empty explanation drops " BECAUSE:", and every double space in the text is repla
 as officially). A training example is `build_prompt(p, fmt) + " " + build_target(p, fmt)`.
 Format names: "QCM-A" (default), "QCM-ALE", "CQM-A", "CQM-ALE"; "QCM→A" and "QCM->A" spellings and
 any letter case are accepted.
-
-Metrics (`compute_metrics`, the groups of the official `evaluate_acc.py`): NAT/SOC/LAN by subject
-("natural science", "social science", "language science"); TXT = non-empty hint, IMG = has an
-image, NO = neither (TXT and IMG overlap); G1-6 = grade1..grade6, G7-12 = grade7..grade12; Avg over
-all problems. Accuracies are percentages formatted to two decimals like the official "{:.2f}".
-A prediction that is None (unparsed), out of range, or absent counts as wrong.
-
-Result file (`write_results`): {"results": {pid: option index}, "outputs": {pid: raw text}} like
-`run_gpt3.py`. The official scorer applies `int()` to every result and compares it with the
-answer, so an unparsed answer is written as -1 (always wrong; the official GPT-3 script guessed a
-random option instead, which would inflate scores). The official scorer also requires every test
-pid (4241) to be present.
 """
 
 from __future__ import annotations
@@ -66,7 +54,6 @@ import json
 import os
 import re
 import string
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -74,11 +61,6 @@ from pathlib import Path
 from typing import Any
 
 OPTION_LETTERS = string.ascii_uppercase
-UNPARSED = -1  # written to result files for an answer that could not be parsed
-SUBJECTS = {"NAT": "natural science", "SOC": "social science", "LAN": "language science"}
-GRADES_1_6 = frozenset(f"grade{g}" for g in range(1, 7))
-GRADES_7_12 = frozenset(f"grade{g}" for g in range(7, 13))
-METRIC_COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")  # the paper's order
 OPTIONAL_TEXT_FIELDS = ("hint", "subject", "grade", "lecture", "solution")
 INPUT_FORMATS = ("QCM", "CQM")
 OUTPUT_FORMATS = ("A", "ALE")
@@ -420,257 +402,3 @@ def build_target(problem: Problem, fmt: str = "QCM-A") -> str:
         target = f"{target} BECAUSE: {explanation}"
     target = target.replace("  ", " ").strip()
     return target.removesuffix("BECAUSE:").strip()
-
-
-# ----------------------------------------------------------------------------------------------
-# Answer parsing
-
-_ANSWER_PHRASE = re.compile(r"\b(?:answer|option|choice)\s+is\s*:?\s*", re.IGNORECASE)
-_LEADING_LABEL = re.compile(r"^\s*(?:the\s+)?(?:correct\s+)?answer\s*:\s*", re.IGNORECASE)
-_LETTER_AFTER_PHRASE = re.compile(
-    r"\(\s*([A-Za-z])\s*\)"                 # (B) or (b)
-    r"|([A-Z])(?![A-Za-z0-9])"              # B, B., B: ... (not the start of a word)
-    r"|([a-z])(?=\s*(?:[.,;:!)]|$))")       # b. or b at the end (not the article "a")
-_LEADING_LETTER = re.compile(r"\(\s*([A-Za-z])\s*\)|([A-Za-z])\s*(?:[.):]|$)")
-_PAREN_LETTER = re.compile(r"\(\s*([A-Za-z])\s*\)")
-
-
-def parse_answer(text: str, choices: list[str]) -> int | None:
-    """The option index a model output chooses, or None when it names no valid option.
-
-    In order: an explicit "the answer is X" phrase (the first that names a letter or an option
-    wins; a letter beyond the options makes the answer invalid), a leading letter ("B", "(b)",
-    "B. text", "Answer: B") or the one parenthesised letter in the text (text with several
-    distinct ones, like echoed options, names none), then the option text itself (exact, or the
-    one option contained as whole words).
-    """
-    for match in _ANSWER_PHRASE.finditer(text):
-        rest = text[match.end():].lstrip(" \"'*")
-        letter = _LETTER_AFTER_PHRASE.match(rest)
-        if letter:
-            return _letter_index(next(g for g in letter.groups() if g), choices)
-        option = _option_at_start(rest, choices)
-        if option is not None:
-            return option
-    stripped = _LEADING_LABEL.sub("", text).strip().strip("\"'*").strip()
-    parenthesised = {m.upper() for m in _PAREN_LETTER.findall(text)}
-    if len(parenthesised) <= 1:  # several, as in echoed options "(A) x (B) y", name no single letter
-        letter = _LEADING_LETTER.match(stripped)
-        if letter:
-            return _letter_index(next(g for g in letter.groups() if g), choices)
-        if parenthesised:
-            return _letter_index(parenthesised.pop(), choices)
-    return _option_in_text(stripped, choices)
-
-
-def _letter_index(letter: str, choices: list[str]) -> int | None:
-    index = OPTION_LETTERS.index(letter.upper())
-    return index if index < len(choices) else None
-
-
-def _option_at_start(text: str, choices: list[str]) -> int | None:
-    """The longest option that `text` starts with (as whole words)."""
-    lowered = text.casefold()
-    found = [(len(c), i) for i, c in enumerate(choices)
-             if c.strip() and re.match(re.escape(c.strip().casefold()) + r"(?!\w)", lowered)]
-    return max(found)[1] if found else None
-
-
-def _option_in_text(text: str, choices: list[str]) -> int | None:
-    """The option equal to `text`, else the single option found in it as whole words."""
-    lowered = text.casefold().rstrip(".!").strip()
-    exact = [i for i, c in enumerate(choices) if c.strip().casefold() == lowered]
-    if exact:
-        return exact[0] if len(exact) == 1 else None
-    contained = [i for i, c in enumerate(choices) if c.strip() and
-                 re.search(r"(?<!\w)" + re.escape(c.strip().casefold()) + r"(?!\w)", lowered)]
-    # "cats" also contains the option "cat": keep only options not inside another found option
-    outer = [i for i in contained
-             if not any(j != i and choices[i].strip().casefold() in choices[j].strip().casefold()
-                        and choices[i].strip().casefold() != choices[j].strip().casefold() for j in contained)]
-    return outer[0] if len(outer) == 1 else None
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics
-
-
-def compute_metrics(problems: Iterable[Problem], predictions: Mapping[str, int | None]) -> dict[str, Any]:
-    """Official ScienceQA accuracies and counts over `problems` (pass only the ones you ran).
-
-    Returns {column: percent with two decimals, or None for an empty group} for METRIC_COLUMNS, plus
-    "counts" and "correct" ({column: int}), "unparsed" (predictions that are None or negative),
-    "missing" (problems without a prediction) and "extra" (predictions for other pids, ignored).
-    """
-    groups: dict[str, list[bool]] = {name: [] for name in METRIC_COLUMNS}
-    unparsed = missing = 0
-    seen = set()
-    for problem in problems:
-        seen.add(problem.pid)
-        if problem.pid not in predictions:
-            missing += 1
-        pred = predictions.get(problem.pid)
-        if problem.pid in predictions and (pred is None or pred < 0):
-            unparsed += 1
-        correct = pred is not None and pred == problem.answer
-        has_text = bool(problem.hint)
-        for name, subject in SUBJECTS.items():
-            if problem.subject == subject:
-                groups[name].append(correct)
-        if has_text:
-            groups["TXT"].append(correct)
-        if problem.has_image:
-            groups["IMG"].append(correct)
-        if not has_text and not problem.has_image:
-            groups["NO"].append(correct)
-        if problem.grade in GRADES_1_6:
-            groups["G1-6"].append(correct)
-        if problem.grade in GRADES_7_12:
-            groups["G7-12"].append(correct)
-        groups["Avg"].append(correct)
-    metrics: dict[str, Any] = {name: _percent(flags) for name, flags in groups.items()}
-    metrics["counts"] = {name: len(flags) for name, flags in groups.items()}
-    metrics["correct"] = {name: sum(flags) for name, flags in groups.items()}
-    metrics["unparsed"] = unparsed
-    metrics["missing"] = missing
-    metrics["extra"] = sum(pid not in seen for pid in predictions)  # predictions for other problems, ignored
-    return metrics
-
-
-def _percent(flags: list[bool]) -> float | None:
-    return float(f"{sum(flags) / len(flags) * 100:.2f}") if flags else None
-
-
-def format_metrics_table(metrics: Mapping[str, Any]) -> str:
-    """A Markdown table in the paper's column order, with question counts and parse failures."""
-    def cell(value: Any) -> str:
-        return "–" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
-
-    lines = ["| | " + " | ".join(METRIC_COLUMNS) + " |",
-             "|---|" + "---:|" * len(METRIC_COLUMNS),
-             "| Accuracy (%) | " + " | ".join(cell(metrics.get(c)) for c in METRIC_COLUMNS) + " |",
-             "| Questions | " + " | ".join(cell(metrics["counts"][c]) for c in METRIC_COLUMNS) + " |",
-             "",
-             f"Unparsed answers: {metrics['unparsed']}; missing predictions: {metrics['missing']}."]
-    return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------------------------
-# Files
-
-
-def write_results(path: str | os.PathLike[str], results: Mapping[str, int | None],
-                  outputs: Mapping[str, str]) -> None:
-    """The official result file; unparsed answers (None) are written as -1."""
-    data = {"results": {str(pid): UNPARSED if pred is None else int(pred) for pid, pred in results.items()},
-            "outputs": {str(pid): str(text) for pid, text in outputs.items()}}
-    _write_atomic(Path(path), json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def read_results(path: str | os.PathLike[str]) -> dict[str, int | None]:
-    """Predictions from an official-format result file (-1 and other negatives read back as None)."""
-    data = _read_json(Path(path))
-    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
-        raise ScienceQAError(f"{path} is not a ScienceQA result file (no \"results\" object)")
-    return {str(pid): (None if int(pred) < 0 else int(pred)) for pid, pred in data["results"].items()}
-
-
-def write_metrics(path: str | os.PathLike[str], metrics: Mapping[str, Any],
-                  markdown_path: str | os.PathLike[str] | None = None) -> None:
-    """Metrics as JSON at `path` and as a Markdown table (default: `path` with suffix .md)."""
-    path = Path(path)
-    _write_atomic(path, json.dumps(metrics, indent=2) + "\n")
-    _write_atomic(Path(markdown_path) if markdown_path else path.with_suffix(".md"), format_metrics_table(metrics))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-class PredictionLog:
-    """Append-only JSONL of {"pid", "pred", "output"} records (plus "image_unreadable": true for a question
-    answered without its image because the file would not decode), so an interrupted evaluation resumes.
-
-    Opening an existing log reads it back; a truncated last line (the run was killed mid-write) is
-    cut off so that new records start on a clean line. A broken line elsewhere is an error. When a
-    pid appears twice, the later record wins.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-        self.predictions: dict[str, int | None] = {}
-        self.outputs: dict[str, str] = {}
-        self.unreadable_images: set[str] = set()  # pids answered text-only because their image would not decode
-        self.dropped_partial_line = False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            self._read_back()
-        self._file = open(self.path, "a", encoding="utf-8")
-
-    @property
-    def done(self) -> set[str]:
-        return set(self.predictions)
-
-    def append(self, pid: str, pred: int | None, output: str, image_unreadable: bool = False) -> None:
-        record = {"pid": str(pid), "pred": pred, "output": output}
-        if image_unreadable:
-            record["image_unreadable"] = True
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
-        self._add(record)
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> PredictionLog:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _read_back(self) -> None:
-        data = self.path.read_bytes()
-        lines = data.split(b"\n")
-        complete, tail = lines[:-1], lines[-1]  # tail: text after the last newline ("" if none)
-        for number, line in enumerate(complete, 1):
-            if line.strip():
-                self._add(self._parse(line, number))
-        if tail.strip():
-            try:
-                self._add(self._parse(tail, len(complete) + 1))
-                with open(self.path, "ab") as f:  # a whole record that only lacks its newline
-                    f.write(b"\n")
-            except ScienceQAError:
-                with open(self.path, "r+b") as f:
-                    f.truncate(len(data) - len(tail))
-                self.dropped_partial_line = True
-
-    def _parse(self, line: bytes, number: int) -> dict[str, Any]:
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ScienceQAError(f"{self.path}:{number}: not a JSON record ({err}); "
-                                 "fix or delete the line to resume") from err
-        pred = record.get("pred") if isinstance(record, dict) else None
-        if not isinstance(record, dict) or "pid" not in record or not (pred is None or type(pred) is int):
-            raise ScienceQAError(f"{self.path}:{number}: expected {{\"pid\", \"pred\", \"output\"}}, got {line[:80]!r}")
-        return record
-
-    def _add(self, record: dict[str, Any]) -> None:
-        pid = str(record["pid"])
-        self.predictions[pid] = record["pred"]
-        self.outputs[pid] = str(record.get("output", ""))
-        if record.get("image_unreadable") is True:
-            self.unreadable_images.add(pid)
-        else:
-            self.unreadable_images.discard(pid)
