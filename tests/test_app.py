@@ -50,8 +50,8 @@ def adapters_dir(smollm, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app_url(smollm, adapters_dir):
-    from app.service import ChatService
-    from app.ui import build_demo
+    from mmadapter.app.service import ChatService
+    from mmadapter.app.ui import build_demo
 
     service = ChatService(smollm, AdapterSet.from_folder(smollm, adapters_dir), max_prompt_tokens=256)
     demo = build_demo(service)

@@ -26,7 +26,7 @@ import pytest
 from gradio.utils import get_upload_folder
 from PIL import Image
 
-from app.ui import IMAGE_GONE, UPLOAD_MAX_AGE_S, UPLOAD_SWEEP_S, forget_uploads
+from mmadapter.app.ui import IMAGE_GONE, UPLOAD_MAX_AGE_S, UPLOAD_SWEEP_S, forget_uploads
 from mmadapter.adapter_set import NO_ADAPTER, AdapterSet
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -57,8 +57,8 @@ def show(capsys, title: str, lines: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def app(smollm):
-    from app.service import ChatService
-    from app.ui import build_demo
+    from mmadapter.app.service import ChatService
+    from mmadapter.app.ui import build_demo
 
     service = ChatService(smollm, AdapterSet(smollm), max_prompt_tokens=256)
     demo = build_demo(service)

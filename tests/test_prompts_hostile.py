@@ -104,7 +104,7 @@ def test_an_overlong_prompt_is_a_clear_error_and_fit_prompt_truncates_it(smollm)
 
 
 def test_chat_service_answers_every_hostile_prompt(smollm):
-    from app.service import ChatService
+    from mmadapter.app.service import ChatService
 
     service = ChatService(smollm, AdapterSet(smollm), max_prompt_tokens=256)
     hostile_history = [(PROMPTS["emoji"], PROMPTS["right-to-left"]), (PROMPTS["lone surrogate"], "\x00")]

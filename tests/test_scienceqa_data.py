@@ -13,21 +13,17 @@ import pytest
 from PIL import Image
 
 from mmadapter.data.scienceqa import (
-    PredictionLog,
     Problem,
     ScienceQAError,
     build_prompt,
     build_target,
-    compute_metrics,
-    format_metrics_table,
     load_image,
     load_scienceqa,
-    parse_answer,
     parse_format,
-    read_results,
-    write_metrics,
-    write_results,
 )
+from mmadapter.evaluation.metrics import compute_metrics, format_metrics_table
+from mmadapter.evaluation.parsing import parse_answer
+from mmadapter.evaluation.results import PredictionLog, read_results, write_metrics, write_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"101": (255, 0, 0), "103": (0, 255, 0), "107": (0, 0, 255), "201": (9, 9, 9)}

@@ -1,4 +1,4 @@
-"""eval/scienceqa.py with the embedded SmolLM2 on a tiny synthetic ScienceQA: score-mode parity with
+"""ScienceQA evaluation (mmadapter.evaluation, eval/scienceqa.py) with the embedded SmolLM2 on a tiny synthetic ScienceQA: score-mode parity with
 one-question forward passes, generate mode end to end, resume, the script as a subprocess."""
 
 from __future__ import annotations
@@ -13,14 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.scienceqa import ANSWER_PREFIX, EvalError, evaluate, format_report, option_logprobs, prepare
-from mmadapter.data.scienceqa import (
-    PredictionLog,
-    build_prompt,
-    compute_metrics,
-    load_scienceqa,
-    parse_answer,
-)
+from mmadapter.data.scienceqa import build_prompt, load_scienceqa
+from mmadapter.evaluation.metrics import compute_metrics
+from mmadapter.evaluation.parsing import parse_answer
+from mmadapter.evaluation.results import PredictionLog
+from mmadapter.evaluation.scienceqa import ANSWER_PREFIX, EvalError, evaluate, format_report, option_logprobs, prepare
 from mmadapter.data.templates import get_template
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

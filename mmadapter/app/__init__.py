@@ -1,1 +1,2 @@
-"""The mmadapter Gradio app: `python -m app` or `mmadapter serve`."""
+"""The Gradio app: `service` answers chat turns without any UI, `ui` is the page, `serve` the command
+line (`mmadapter serve`, `python -m app`)."""

@@ -1,4 +1,4 @@
-"""`python -m app` / `mmadapter serve`: the Gradio visual question answering app."""
+"""`mmadapter serve` / `python -m app`: the options, building the chat service and launching the page."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mmadapter.commands.common import add_vision_arg
-from mmadapter.weights import DEFAULT_BASE
+from ..commands.common import add_vision_arg
+from ..weights import DEFAULT_BASE
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -30,8 +30,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_service(args: argparse.Namespace):
-    from mmadapter.adapter_set import AdapterSet
-    from mmadapter.model import load_base
+    from ..adapter_set import AdapterSet
+    from ..model import load_base
 
     from .service import ChatService
 
@@ -58,7 +58,7 @@ def launch(args: argparse.Namespace, block: bool = True):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m app", description="The Gradio visual question answering app.")
     add_serve_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

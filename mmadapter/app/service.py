@@ -14,10 +14,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmadapter.adapter_set import NO_ADAPTER, AdapterSet
-from mmadapter.config import SELF_CONTAINED_TOWERS
-from mmadapter.images import ImageError, load_image
-from mmadapter.model import MMAdapter
+from ..adapter_set import NO_ADAPTER, AdapterSet
+from ..config import SELF_CONTAINED_TOWERS
+from ..images import ImageError, load_image
+from ..model import MMAdapter
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 import gradio as gr
 from gradio.utils import get_upload_folder
 
-from mmadapter.adapter_set import NO_ADAPTER
+from ..adapter_set import NO_ADAPTER
 
 from .service import WARN, ChatService
 

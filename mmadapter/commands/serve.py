@@ -1,4 +1,4 @@
-"""`mmadapter serve`: the Gradio visual question answering app (same as `python -m app`)."""
+"""`mmadapter serve`: the Gradio visual question answering app (`mmadapter.app`; `python -m app` too)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from app.__main__ import add_serve_args
+    from ..app.serve import add_serve_args
 
     p = sub.add_parser("serve", help="start the Gradio app", description="Start the Gradio visual question "
                        "answering app on the base (+ adapters in --adapters-dir).")
@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.__main__ import launch
+    from ..app.serve import launch
 
     launch(args)
     return 0

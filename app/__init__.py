@@ -1,0 +1,1 @@
+"""`python -m app` from a checkout: the Gradio app, whose code is `mmadapter.app` (also `mmadapter serve`)."""
