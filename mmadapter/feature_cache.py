@@ -13,7 +13,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -25,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from .atomic import atomic_write_bytes
 from .images import DEFAULT_MAX_PIXELS, ImageSource, image_hash, load_image
 
 log = logging.getLogger(__name__)
@@ -174,23 +174,12 @@ class FeatureCache:
         return row
 
     def _write_disk(self, key: Key, row: torch.Tensor) -> None:
-        """tmp file + fsync + os.replace: readers see the old file or the whole new one, never half."""
+        """Atomically: readers see the old file or the whole new one, never half."""
         if self.disk_dir is None:
             return
         path = self._path(key)
         data = save_safetensors({"features": row.contiguous()}, metadata={"fingerprint": key[0], "image": key[1]})
-        tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            tmp = None
+            atomic_write_bytes(path, data)
         except OSError as e:  # a full or read-only disk costs speed, not correctness
             log.warning("could not write cached features to %s: %s", path, e)
-        finally:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)

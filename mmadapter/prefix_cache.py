@@ -18,12 +18,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .atomic import atomic_save
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +94,12 @@ class PrefixCache:
         from safetensors.torch import save_file
 
         path = self._path(key)
-        tmp = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}.", suffix=".tmp")
-            os.close(fd)
-            save_file({"hidden": hidden}, tmp)
-            os.replace(tmp, path)  # readers see no file or a whole one
-            tmp = None
+        try:  # readers see no file or a whole one; an entry lost to a power cut is recomputed
+            atomic_save(path, lambda tmp: save_file({"hidden": hidden}, tmp), durable=False)
             return True
         except OSError as e:  # a full disk costs speed, not correctness
             log.warning("could not write the prefix cache entry %s: %s", path, e)
             return False
-        finally:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
 
 
 def gather_prefix(cache: PrefixCache, compute: Callable[[Tensor], Tensor], tokens: Tensor, lengths: list[int],
