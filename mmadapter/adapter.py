@@ -6,7 +6,7 @@ only adapter tensors are ever saved. It holds
   gates     [L, H]     g_l, zero-init: the model equals the base exactly at step 0 ([L, 1] with
                        AdapterConfig(gate="per-layer"): one gate shared by the heads of a layer),
   projector (optional) the vision MLP that turns multi-scale CLIP features into one image token I_p.
-For sample b in layer l the prompt is P_l + I_p[b] (DESIGN.md §2); text-only samples use P_l.
+For sample b in layer l the prompt is P_l + I_p[b] (README, "The adapter, exactly"); text-only samples use P_l.
 """
 
 from __future__ import annotations
@@ -58,12 +58,19 @@ class Adapter(nn.Module):
         return tokens
 
     def prompt_kv(self, base: Llama, image_tokens: Tensor | None = None) -> AdapterKV:
-        """Prompt K/V of every adapted layer through its frozen W_k/W_v. image_tokens: [B, C] or None."""
+        """Prompt K/V of every adapted layer through its frozen W_k/W_v.
+
+        image_tokens: None, [B, C] (one image token, added to all K prompts), or visual tokens
+        [B, Kv, C] with Kv 1 or K (added to the prompts one by one).
+        """
+        visual = None
+        if image_tokens is not None:
+            visual = image_tokens[:, None, :] if image_tokens.dim() == 2 else image_tokens  # [B, Kv, C]
         kv = []
         for i in range(self.n_layers):
             prompt = self.prompts[i][None]  # [1, K, C]
-            if image_tokens is not None:
-                prompt = prompt + image_tokens[:, None, :]  # [B, K, C]
+            if visual is not None:
+                prompt = prompt + visual  # [B, K, C]
             kv.append(base.layers[self.first_layer + i].attention.project_prompt(prompt))
         gates = torch.tanh(self.gates).expand(self.n_layers, self.base_config.n_heads)  # [L, H]
         return AdapterKV(self.first_layer, kv, gates)
@@ -76,8 +83,3 @@ class Adapter(nn.Module):
         counts["total"] = sum(counts.values())
         return counts
 
-
-def freeze(module: nn.Module) -> nn.Module:
-    """Mark every parameter of a (base or vision) module frozen and put it in eval mode."""
-    module.requires_grad_(False)
-    return module.eval()

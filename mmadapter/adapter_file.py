@@ -192,27 +192,21 @@ def check_base(meta: AdapterMeta, model: MMAdapter, source: str, allow_mismatch:
 
 
 def _tower_for(model: MMAdapter, meta: AdapterMeta, source: str, given: VisionConfig | str | None):
-    """The tower `meta` was trained with: the model's when it is that one, else one built (and kept
-    in model.towers by its spec, so adapters trained over the same tower share it)."""
-    from .vision import VisionTower
-
+    """The tower `meta` was trained with: the model's when it is that one, else the model's shared
+    tower of that spec (adapters trained over the same tower share it)."""
     want = meta.vision
     given = VisionConfig.from_spec(given) if isinstance(given, str) else given
     if given is not None and _same_model(given.model, want.model):  # where the tower is now; the file's shape
         want = VisionConfig.from_dict({**want.to_dict(), "model": given.model, "pretrained": given.pretrained})
     if model.vision is not None and _same_tower(model.vision, want, meta.feature_dim):
         return model.vision
-    towers = model.towers
-    key = (want.spec, want.n_scales, want.seed)
-    if key not in towers:
-        try:
-            towers[key] = VisionTower(want).to(model.device).requires_grad_(False)
-        except (ValueError, OSError, RuntimeError) as e:
-            raise AdapterFileError(
-                f"{source}: cannot build the image tower this adapter was trained with ({want.spec}): {e}. "
-                f"If the tower's weights moved, point at them: --vision {want.model}:/path/to/weights "
-                "(vision='MODEL:WEIGHTS' in Python)") from e
-    tower = towers[key]
+    try:
+        tower = model.shared_tower(want)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise AdapterFileError(
+            f"{source}: cannot build the image tower this adapter was trained with ({want.spec}): {e}. "
+            f"If the tower's weights moved, point at them: --vision {want.model}:/path/to/weights "
+            "(vision='MODEL:WEIGHTS' in Python)") from e
     if not _same_tower(tower, want, meta.feature_dim):
         raise AdapterFileError(
             f"{source}: trained with the image tower {want.spec} ({want.n_scales} scales, weights "

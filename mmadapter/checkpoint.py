@@ -201,8 +201,8 @@ def find_checkpoint(root: str | os.PathLike) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_checkpoint(folder: str | os.PathLike, model: MMAdapter, optimizer: torch.optim.Optimizer,
-                    param_names: Mapping[torch.nn.Parameter, str], allow_base_mismatch: bool = False) -> TrainState:
+def load_train_state(folder: str | os.PathLike, model: MMAdapter, optimizer: torch.optim.Optimizer,
+                     param_names: Mapping[torch.nn.Parameter, str], allow_base_mismatch: bool = False) -> TrainState:
     """Restore adapter tensors, optimizer state and RNG states in place; return the position."""
     folder = Path(folder)
     try:

@@ -1,18 +1,23 @@
 """The frozen LLaMA-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU, a static KV cache.
 
 One readable file in the spirit of nanoGPT / gpt-fast. Weights use the Hugging Face layout for q/k
-(RoPE rotates the two halves of each head: `rotate_half`); the loaders in `weights.py` convert Meta
-and GGUF checkpoints, which store q/k rows interleaved, into this layout.
+(RoPE rotates the two halves of each head, as transformers' `rotate_half` does); the loaders in
+`weights.py` convert Meta and GGUF checkpoints, which store q/k rows interleaved, into this layout.
 
 The adapter hooks one place: `Attention.forward` adds the gated prompt term
     tanh(g_h) * softmax(Q_h K_p,hᵀ / √d) V_p,h
 to the untouched causal attention, with K_p/V_p = prompt · W_k/W_v (no RoPE) computed once by
-`Attention.project_prompt` and handed in through `AdapterKV` (see adapter.py and DESIGN.md §2).
+`Attention.project_prompt` and handed in through `AdapterKV` (see adapter.py and the README's
+"The adapter, exactly").
+
+Every frozen projection is a `Linear`; `replace_linears` swaps them for another implementation
+(quantised weights, a trainable low-rank or bias term) without touching this file.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +66,20 @@ class Embedding(nn.Embedding):
 
     def dense_weight(self) -> Tensor:
         return self.weight
+
+
+def replace_linears(module: nn.Module, make: Callable[[str, Linear], nn.Module]) -> int:
+    """Replace every frozen `Linear` under `module` by `make(qualified_name, linear)`; returns how many.
+
+    The seam for variants of the frozen projections (weight-only quantisation, LoRA or bias tuning):
+    each lives in its own module and swaps the layers after loading, so this file never branches.
+    An untied `output` head is read through its `.weight` (`head_weight`), so its replacement keeps one.
+    """
+    targets = [(name, child) for name, child in module.named_modules() if isinstance(child, Linear)]
+    for name, linear in targets:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, attr, make(name, linear))
+    return len(targets)
 
 
 class RMSNorm(nn.Module):
@@ -245,8 +264,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None,
-                input_pos: Tensor | None, end: int, prompt: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, cache: KVCache | None = None,
+                input_pos: Tensor | None = None, end: int = 0,
+                prompt: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
         h = h + self.attention(self.attention_norm(h), cos, sin, mask, cache, input_pos, end, prompt)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -328,7 +348,7 @@ class Llama(nn.Module):
             cos, sin = self.rope(t)
             cos, sin = cos[:t][None, None], sin[:t][None, None]
             for layer in self.layers[:n_layers]:
-                h = layer(h, cos, sin, None, None, None, t, None)
+                h = layer(h, cos, sin, end=t)  # plain causal attention, no cache, no prompts
         return h
 
     @staticmethod

@@ -20,7 +20,7 @@ from .generate import Sampling, TextStream, decode_tokens
 from .llama import AdapterKV, Llama
 from .loss import head_cross_entropy
 from .tokenizer import Tokenizer
-from .weights import DEFAULT_BASE, load_checkpoint
+from .weights import DEFAULT_BASE, load_base_checkpoint
 
 _UNSET: Any = object()
 
@@ -62,6 +62,16 @@ class MMAdapter(nn.Module):
         if self.feature_cache is None:
             self.use_feature_cache(FeatureCache())
         return self.vision
+
+    def shared_tower(self, config: VisionConfig) -> nn.Module:
+        """A frozen tower built from `config` once and shared by every adapter trained over the same one
+        (kept in `towers`, not as a submodule: it belongs to those adapters, not to the model)."""
+        key = (config.spec, config.n_scales, config.seed)
+        if key not in self.towers:
+            from .vision import VisionTower
+
+            self.towers[key] = VisionTower(config).to(self.device).requires_grad_(False)
+        return self.towers[key]
 
     def detach_vision(self) -> None:
         """Drop the image tower and its feature cache (a text-only model again)."""
@@ -328,7 +338,7 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
 def load_base(spec: str = DEFAULT_BASE, dtype: torch.dtype | str | None = None,
               device: str | torch.device | None = None) -> MMAdapter:
     """A frozen base with its tokenizer and no adapter: an embedded name, a preset, a path or a hub id."""
-    loaded = load_checkpoint(spec, dtype=dtype, device=device)
+    loaded = load_base_checkpoint(spec, dtype=dtype, device=device)
     model = MMAdapter(loaded.model, loaded.tokenizer, base_name=loaded.name, base_fingerprint=loaded.fingerprint)
     local = Path(spec).expanduser()
     model.base_source = str(local.resolve()) if local.exists() else str(spec)  # load_base(base_source) again

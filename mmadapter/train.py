@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_write_text
 from .checkpoint import (CheckpointWriteError, TrainState, TrainStateError, checkpoint_name, find_checkpoint,
-                         load_checkpoint, remove_stale_temporaries, save_checkpoint)
+                         load_train_state, remove_stale_temporaries, save_checkpoint)
 from .config import TrainConfig
 from .data.encode import LengthGroupedBatchSampler, collate
 from .distributed import Distributed
@@ -367,7 +367,7 @@ class Trainer:
             if eval_data is not None:
                 self._log_eval(eval_data, epoch=0)
             return 0, 0
-        state = load_checkpoint(checkpoint, self.model, self.optimizer, self.param_names, c.allow_base_mismatch)
+        state = load_train_state(checkpoint, self.model, self.optimizer, self.param_names, c.allow_base_mismatch)
         self._check_resumable(state, data)
         self._open_run_dir()
         self.step = self.saved_step = state.step

@@ -59,8 +59,8 @@ class LoadedBase:
 # Entry point
 
 
-def load_checkpoint(spec: str | os.PathLike, dtype: torch.dtype | str | None = None,
-                    device: str | torch.device | None = None) -> LoadedBase:
+def load_base_checkpoint(spec: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                         device: str | torch.device | None = None) -> LoadedBase:
     """Load a frozen base from an embedded name, a preset (random weights), a local path or a hub id.
 
     dtype: a float dtype, or "int8" / "int4" for a weight-only quantised base (quant.py); default fp32 on
@@ -238,12 +238,6 @@ def qk_to_half_split(state: dict[str, Tensor], config: LlamaConfig) -> dict[str,
             if key in state:
                 state[key] = interleaved_to_half(state[key], heads)
     return state
-
-
-def half_to_interleaved(w: Tensor, n_heads: int) -> Tensor:
-    """The inverse of `interleaved_to_half` (for exporting to Meta / GGUF layouts)."""
-    out, inp = w.shape
-    return w.reshape(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
 
 
 # ----------------------------------------------------------------------------------------------

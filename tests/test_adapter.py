@@ -111,7 +111,7 @@ def test_gradients_reach_only_prompts_and_gates(tiny_hf):
     tokens = _tokens()
     labels = tokens.clone()
 
-    # at step 0 the gates are zero: prompts get exactly zero gradient, gates a non-zero one (DESIGN.md §2)
+    # at step 0 the gates are zero: prompts get exactly zero gradient, gates a non-zero one (tanh(0) = 0 scales their term)
     model.loss(tokens, labels).backward()
     assert torch.count_nonzero(model.adapter.prompts.grad) == 0
     assert model.adapter.gates.grad.abs().sum() > 0

@@ -113,3 +113,33 @@ def test_one_row_product_uses_every_core_and_equals_linear():
         torch.set_num_threads(threads)
     rows = torch.randn(2, 3, 40)
     torch.testing.assert_close(matvec_or_matmul(rows, weight), torch.nn.functional.linear(rows, weight))
+
+
+def test_replace_linears_swaps_every_frozen_projection():
+    """The seam for quantised or LoRA projections: every Linear is swapped, and the model runs through the
+    replacements (a pass-through wrapper keeps the logits bit for bit; one that doubles them does not)."""
+    from torch import nn
+
+    from mmadapter.config import LlamaConfig
+    from mmadapter.llama import Linear, Llama, replace_linears
+
+    class Scaled(nn.Module):
+        def __init__(self, inner: Linear, scale: float) -> None:
+            super().__init__()
+            self.inner, self.scale = inner, scale
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x) * self.scale
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("tiny")).eval()  # tied embeddings: the head is the embedding
+    tokens = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        before = model.head(model(tokens))
+        names = []
+        assert replace_linears(model, lambda name, lin: names.append(name) or Scaled(lin, 1.0)) == 4 * 7
+        assert {"layers.0.attention.wq", "layers.3.feed_forward.w2"} <= set(names)
+        assert all(isinstance(m, Scaled) for layer in model.layers for m in (layer.attention.wv, layer.feed_forward.w1))
+        torch.testing.assert_close(model.head(model(tokens)), before, rtol=0, atol=0)
+        replace_linears(model.layers[0].attention, lambda name, lin: Scaled(lin, 2.0))
+        assert (model.head(model(tokens)) - before).abs().max() > 1e-3

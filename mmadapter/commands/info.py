@@ -41,9 +41,9 @@ def describe(path: Path, fingerprint: bool = False) -> dict[str, Any]:
     if kind in ("hf", "gguf"):
         info["decode_bytes_per_token"] = _bytes_per_token(info)
     if kind in ("hf", "meta", "gguf") and fingerprint:
-        from ..weights import load_checkpoint
+        from ..weights import load_base_checkpoint
 
-        info["fingerprint"] = load_checkpoint(path, dtype=torch.bfloat16).fingerprint
+        info["fingerprint"] = load_base_checkpoint(path, dtype=torch.bfloat16).fingerprint
     return info
 
 

@@ -67,7 +67,7 @@ def loaders() -> dict[str, Any]:
     from mmadapter.images import load_image
     from mmadapter.interop import adapter_from_file, import_adapter
     from mmadapter.tokenizer import Tokenizer
-    from mmadapter.weights import load_checkpoint
+    from mmadapter.weights import load_base_checkpoint
 
     logging.disable(logging.WARNING)  # the tiny preset warns that its weights are random
     tiny = load_base("tiny")
@@ -88,7 +88,7 @@ def loaders() -> dict[str, Any]:
         return problems
 
     return {
-        "base": load_checkpoint,
+        "base": load_base_checkpoint,
         "tokenizer": tokenizer,
         "adapter": adapter_from_file,
         "interop": lambda path: import_adapter(tiny, path),
