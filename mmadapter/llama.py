@@ -29,9 +29,9 @@ from .config import LlamaConfig
 
 def matvec_or_matmul(x: Tensor, weight: Tensor) -> Tensor:
     """x [..., in] @ weight[out, in]ᵀ. For a single fp32 row on CPU (decoding one token) BLAS runs
-    the matrix-vector product on one core (~11 GB/s of the ~27 GB/s two cores read on the benchmark
+    the matrix-vector product on one core (11 GB/s of the ~28 GB/s two cores read on the benchmark
     machine); as a batched product over thread-count slices of the rows, each core streams its own
-    slice (~16 GB/s): decoding is 25% faster (README, Benchmarks)."""
+    slice (20.6 GB/s in isolation): decoding is 25% faster (README, Benchmarks)."""
     parts = torch.get_num_threads()
     if (x.numel() != x.shape[-1] or parts < 2 or weight.shape[0] % parts or weight.dtype != torch.float32
             or weight.device.type != "cpu"):
