@@ -207,7 +207,7 @@ class MMAdapter(nn.Module):
         for row, ids in enumerate(prompts):
             tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         with torch.inference_mode():
-            features, has_image = self.image_features(images)
+            features, has_image = self.image_features(images, adapter)
             hidden = self.base(tokens, adapter=self.adapter_kv(features, has_image, adapter))  # [B, T, C]
             last = hidden[torch.arange(len(prompts), device=device), lengths - 1]  # [B, C]
             return self.base.head(last).float().log_softmax(-1)
