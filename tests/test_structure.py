@@ -13,8 +13,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmadapter"
 LAYERS = [
     ("foundation", ["config", "atomic", "safe_io", "images", "loss", "distributed", "stop_signals", "plot",
                     "data.templates", "data.records"]),
-    ("pieces", ["llama", "tokenizer", "vision", "feature_cache", "prefix_cache", "data.encode", "data.scienceqa"]),
-    ("adapter, loaders, decoding", ["adapter", "weights", "generate"]),
+    ("pieces", ["llama", "tokenizer", "gguf_tensor", "vision", "feature_cache", "prefix_cache", "data.encode",
+                "data.scienceqa"]),
+    ("adapter, loaders, decoding", ["adapter", "quant", "weights", "generate"]),
     ("the composed model", ["model", "adapter_file"]),
     ("adapter files in and out", ["interop", "adapter_set", "checkpoint"]),
     ("workflows", ["train_data", "train_log", "train", "evaluation"]),
