@@ -88,7 +88,7 @@ def run(runs: int = 5) -> str:
         models[name] = model
         bound = bandwidth / bytes_per_token(model.base.config, dtype)
         for label, adapter in (("base", None), ("adapter", model.adapter)):
-            model.adapter = adapter
+            model.use_adapter(adapter)
             tps = NEW / median_seconds(ours_fn(model, 1), runs=runs)[0]
             decode[(name, label)] = tps
             rows.append([f"mmadapter {name}, {label}", round(tps, 1),
