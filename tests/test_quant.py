@@ -158,3 +158,10 @@ def test_info_reports_decode_bytes_per_token():
     norms = (2 * 30 + 1) * 576  # two per layer and the final one: not matrices
     assert per_token["float32"] == 4 * (info["weights"]["parameters"] - norms)
     assert per_token["float32"] == 2 * per_token["bfloat16"] > per_token["int8"] > per_token["int4"]
+
+
+def test_fsdp_refuses_a_quantised_base():
+    from mmadapter.commands.train import ModelOptions, build_training_model
+
+    with pytest.raises(ValueError, match="--fsdp .* quantised base"):
+        build_training_model(ModelOptions(base="tiny", dtype="int8"), seed=0, fsdp=True)

@@ -148,6 +148,10 @@ def build_training_model(options: ModelOptions, seed: int, fsdp: bool = False) -
     each process's 1/N share of the layer weights there, so the base never has to fit one GPU."""
     import torch
 
+    if fsdp and options.dtype in ("int8", "int4"):
+        raise ValueError(f"--fsdp shards float weights and cannot shard a quantised base (--dtype {options.dtype}); "
+                         "drop --fsdp (an int8/int4 base is already 4-8x smaller) or use a float dtype")
+
     from ..config import AdapterConfig, VisionConfig
     from ..model import build_model
 
