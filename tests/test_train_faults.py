@@ -146,22 +146,28 @@ def test_full_disk_during_a_checkpoint_raises_and_keeps_the_previous_one(
     assert_same_adapter(result.adapter_path, setup["reference"])
 
 
-def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(
-        setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_loss, calls, handler_before = MMAdapter.loss, [], signal.getsignal(signal.SIGINT)
+def ctrl_c_at_loss_call(monkeypatch: pytest.MonkeyPatch, at_call: int) -> None:
+    """Send SIGINT (Ctrl-C) to this process during the at_call-th MMAdapter.loss call."""
+    original, calls = MMAdapter.loss, [0]
 
     def loss(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 7:  # the second micro-batch of step 4
+        calls[0] += 1
+        if calls[0] == at_call:
             os.kill(os.getpid(), signal.SIGINT)
-        return real_loss(self, *args, **kwargs)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(MMAdapter, "loss", loss)
+
+
+def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(
+        setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    handler_before = signal.getsignal(signal.SIGINT)
+    ctrl_c_at_loss_call(monkeypatch, 7)  # the second micro-batch of step 4
     interrupted = train(build_model(setup["base"], seed=0), setup["data"], TrainConfig(**run_config(tmp_path)))
     assert interrupted.interrupted and interrupted.steps == 4 and interrupted.adapter_path is None
     assert find_checkpoint(tmp_path / "checkpoints").name == "step-00000004"
     assert signal.getsignal(signal.SIGINT) is handler_before  # restored
-    monkeypatch.setattr(MMAdapter, "loss", real_loss)
+    monkeypatch.undo()
     result = resume(setup, tmp_path)
     assert not result.interrupted
     assert_same_adapter(result.adapter_path, setup["reference"])
@@ -194,19 +200,11 @@ def test_cli_resume_takes_the_runs_own_settings(setup: dict, tmp_path: Path, mon
     from mmadapter.cli import main
 
     out = tmp_path / "run"
-    real_loss, calls = MMAdapter.loss, []
-
-    def loss(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 7:  # the second micro-batch of step 4
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_loss(self, *args, **kwargs)
-
-    monkeypatch.setattr(MMAdapter, "loss", loss)
+    ctrl_c_at_loss_call(monkeypatch, 7)  # the second micro-batch of step 4
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in run_config(out).items() if not isinstance(v, bool)]
     assert main(["train", "--base", setup["base"], "--data", setup["data"], *flags, "--no-progress",
                  "--no-plot"]) == 130
-    monkeypatch.setattr(MMAdapter, "loss", real_loss)
+    monkeypatch.undo()
     saved = (out / "config.json").read_text()
     assert main(["train", "--output-dir", str(out), "--resume", "--lr", "0.01", "--epochs", "5"]) == 2
     assert (out / "config.json").read_text() == saved
