@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import bandwidth, decode, epoch, memory, prefix_cache, quant, train_step
+from . import bandwidth, decode, epoch, memory, prefix_cache, quant, serving, train_step
 from .common import RESULTS, machine, markdown_of, setup_threads
 
 SUITE = {"bandwidth": bandwidth.run, "train_step": train_step.run, "epoch": epoch.run,
          "prefix_cache": prefix_cache.run, "decode": decode.run, "memory": memory.run,
-         "quant": quant.run}
+         "quant": quant.run, "serving": serving.run}
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         start = time.perf_counter()
-        if name in ("bandwidth", "memory"):  # not timings: nothing to take a median of
+        if name in ("bandwidth", "memory", "serving"):  # one load run, or not timings: nothing to take a median of
             fn()
         else:
             fn(runs=args.runs)

@@ -134,7 +134,8 @@ class AdapterKV:
     """Prompt keys/values of the adapted layers, computed once per forward pass or per request.
 
     first_layer: index of the lowest adapted layer; kv[i] belongs to layer first_layer + i and holds
-    (k, v) of shape [B or 1, n_kv_heads, K, head_dim]; gates [L, n_heads] are already tanh-ed.
+    (k, v) of shape [B or 1, n_kv_heads, K, head_dim]; gates [L, n_heads] (or [L, B, n_heads], one adapter
+    per row of a continuous batch) are already tanh-ed.
     """
 
     first_layer: int
@@ -179,7 +180,7 @@ def attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
                prompt: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """Attention of one query token (decoding) with plain matmuls, plus the gated prompt term when given:
     q [B, H, 1, d], k/v [B, G, S, d], mask [B or 1, 1, 1, S]; prompt (pk, pv [Bp, G, K, d] with Bp 1 or
-    B, gate [H] tanh-ed) -> [B, H, 1, d].
+    B, gate [H] or [B, H] tanh-ed: rows of a continuous batch have their own adapters) -> [B, H, 1, d].
 
     On CPU, SDPA's per-call overhead costs more than the whole computation at T=1, and decoding runs
     this in every layer for every token, where each op's fixed cost counts: the scale is applied to q
@@ -196,7 +197,7 @@ def attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
     if prompt is not None:
         pk, pv, gate = prompt
         prompt_probs = (qg @ pk.transpose(-1, -2)).float().softmax(-1).to(pv.dtype)  # [B, G, H/G, K]
-        y = y.addcmul(gate.to(y.dtype).view(1, g, h // g, 1), prompt_probs @ pv)
+        y = y.addcmul(gate.to(y.dtype).view(-1, g, h // g, 1), prompt_probs @ pv)  # gate [H] or per row [B, H]
     return y.reshape(b, h, 1, d)
 
 

@@ -60,7 +60,10 @@ def app(smollm):
     from mmadapter.app.service import ChatService
     from mmadapter.app.ui import build_demo
 
-    service = ChatService(smollm, AdapterSet(smollm), max_prompt_tokens=256)
+    from mmadapter.batching import BatchEngine
+
+    engine = BatchEngine(smollm, max_batch=CONCURRENCY, max_slots=1024)  # requests in flight decode together
+    service = ChatService(smollm, AdapterSet(smollm), max_prompt_tokens=256, engine=engine)
     demo = build_demo(service)
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,

@@ -20,7 +20,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
-    p.add_argument("--concurrency", type=int, default=2, help="requests generated at the same time (default: 2)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded together, joining a running batch as they arrive (default: 8; "
+                        "0: each request decodes on its own)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="requests served at the same time (default: --max-batch, or 2 without batching)")
     p.add_argument("--queue-size", type=int, default=32, help="requests waiting before new ones are refused")
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer chats are truncated with a note")
     p.add_argument("--max-file-size", default="20mb", help="largest upload accepted (default: 20mb)")
@@ -39,7 +43,12 @@ def build_service(args: argparse.Namespace):
     adapters_dir = Path(args.adapters_dir)
     adapters = AdapterSet.from_folder(model, adapters_dir, vision=args.vision) if adapters_dir.is_dir() \
         else AdapterSet(model, args.vision)
-    return ChatService(model, adapters, max_prompt_tokens=args.max_prompt_tokens)
+    engine = None
+    if args.max_batch > 0:
+        from ..batching import BatchEngine
+
+        engine = BatchEngine(model, max_batch=args.max_batch, max_slots=args.max_prompt_tokens + 1024)
+    return ChatService(model, adapters, max_prompt_tokens=args.max_prompt_tokens, engine=engine)
 
 
 def launch(args: argparse.Namespace, block: bool = True):
@@ -47,7 +56,8 @@ def launch(args: argparse.Namespace, block: bool = True):
     from .ui import build_demo
 
     demo = build_demo(build_service(args))
-    demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
+    concurrency = args.concurrency or (args.max_batch if args.max_batch > 0 else 2)
+    demo.queue(default_concurrency_limit=concurrency, max_size=args.queue_size)
     _, local_url, share_url = demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                                           max_file_size=args.max_file_size, prevent_thread_lock=True,
                                           quiet=True)

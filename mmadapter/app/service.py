@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapter_set import NO_ADAPTER, AdapterSet
+from ..batching import BatchEngine
 from ..config import SELF_CONTAINED_TOWERS
 from ..images import ImageError, load_image
 from ..model import MMAdapter
@@ -42,8 +43,8 @@ class Reply:
 
 class ChatService:
     def __init__(self, model: MMAdapter, adapters: AdapterSet, max_prompt_tokens: int = 2048,
-                 max_image_pixels: int = 40_000_000) -> None:
-        self.model, self.adapters = model, adapters
+                 max_image_pixels: int = 40_000_000, engine: BatchEngine | None = None) -> None:
+        self.model, self.adapters, self.engine = model, adapters, engine  # engine: decode requests together
         self.max_prompt_tokens, self.max_image_pixels = max_prompt_tokens, max_image_pixels
         self._lock = threading.Lock()  # guards the counters only; requests run concurrently
         self.requests = self.failures = 0
@@ -97,8 +98,9 @@ class ChatService:
             question, history, cut = self.model.fit_prompt(question, history, self.max_prompt_tokens, adapter=adapter)
             note = "; ".join(n for n in (note, cut) if n) or None
             text = ""
-            for piece in self.model.stream(question, image, history=history, adapter=adapter,
-                                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p):
+            stream = self.model.stream if self.engine is None else self.engine.stream
+            for piece in stream(question, image, history=history, adapter=adapter,
+                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p):
                 text += piece
                 yield Reply(text, note)
             yield Reply(text or "(no answer)", note)

@@ -1,0 +1,321 @@
+"""Continuous batching: requests that arrive while others decode join the running batch.
+
+One background thread owns a static KV cache with a row per request (up to `max_batch`). A new
+request is prefilled alone into a free row, exactly as it would be decoded alone, then takes part in
+every following one-token step of the whole batch; a finished request frees its row at once. Each row
+keeps its own adapter (prompt K/V with its own image token, gates), sampling settings, random
+generator and stop conditions, so a request gets the tokens it would get alone.
+
+All rows decode at one shared cache slot (the cursor). A row's prompt sits at slots [0, n) and its
+generated tokens at the cursor's slots, so the slots between are masked out; RoPE positions count a
+row's real tokens only (the key mask), which makes the gap invisible. When the cache would overflow,
+the rows are compacted (their real slots moved to the front, positions unchanged). Rows whose
+adapters cover different layers share a batch (absent layers get a zero gate); adapters with a
+different number of prompts wait until the batch has drained.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .generate import Sampling, TextStream, decode_one_token, prefill, sample
+from .llama import AdapterKV, KVCache
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
+    from .model import MMAdapter
+
+log = logging.getLogger(__name__)
+
+SLOT_CHUNK = 256  # the cache grows (and is compacted) in steps of this many slots
+_END = object()
+
+
+@dataclass(eq=False)
+class _Request:
+    ids: list[int]
+    image: Any
+    adapter: Adapter | None
+    sampling: Sampling
+    out: queue.Queue = field(default_factory=queue.Queue)  # token ids, then _END or an exception
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generator: torch.Generator | None = None
+    kv: AdapterKV | None = None
+    row: int = -1
+    generated: int = 0
+    next_token: int = 0
+
+    @property
+    def n_prompts(self) -> int | None:
+        return None if self.adapter is None else int(self.adapter.prompts.shape[1])
+
+
+class BatchEngine:
+    """Decode many requests together. `submit` token ids or `stream` text, from any number of threads."""
+
+    def __init__(self, model: MMAdapter, max_batch: int = 8, max_slots: int | None = None) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.model, self.base, self.max_batch = model, model.base, max_batch
+        self.capacity = min(max_slots or self.base.config.max_seq_len, self.base.config.max_seq_len)
+        self._pending: deque[_Request] = deque()
+        self._wake = threading.Condition()
+        self._rows: list[_Request | None] = []
+        self._storage: Tensor | None = None  # [2, n_layers, R, G, S, d]
+        self._caches: list[KVCache] = []
+        self._key_mask: Tensor | None = None  # [R, S]: True where a row's slot holds one of its tokens
+        self._cursor = 0  # the slot the next decoding step writes
+        self._batch_kv: AdapterKV | None = None
+        self._kv_stale = True
+        self.peak_rows = 0  # most requests decoded together so far (for tests and benchmarks)
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name="mmadapter-batching", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------------
+    # the callers' side
+
+    def submit(self, ids: Sequence[int], image: Any = None, adapter: Adapter | None = None,
+               sampling: Sampling = Sampling()) -> Iterator[int]:
+        """Queue one request; yields its token ids as they are decoded (ending at EOS or max_new_tokens).
+
+        Closing the iterator early (a stop string, a closed connection) frees the request's row.
+        """
+        ids = list(ids)
+        if not ids:
+            raise ValueError("every prompt needs at least one token")
+        if len(ids) + sampling.max_new_tokens > self.capacity:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceed the "
+                             f"context of {self.capacity}; truncate the prompt or ask for fewer tokens")
+        request = _Request(ids, image, adapter, sampling)
+        if sampling.seed is not None:
+            request.generator = torch.Generator(device=self.base.tok_embeddings.weight.device)
+            request.generator.manual_seed(sampling.seed)
+        with self._wake:
+            self._pending.append(request)
+            self._wake.notify()
+        return self._tokens(request)
+
+    def stream(self, prompt: str, image: Any = None, *, history: Sequence[tuple[str, str]] = (),
+               adapter: Adapter | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, stop: Sequence[str] = (), seed: int | None = None,
+               template: str | None = None) -> Iterator[str]:
+        """`MMAdapter.stream`, decoded in the shared batch: the same text pieces."""
+        tokenizer = self.model._require_tokenizer()
+        ids = self.model.prompt_ids(prompt, template, history, adapter)
+        tokens = self.submit(ids, image, adapter, Sampling(max_new_tokens, temperature, top_p, top_k, seed))
+        text = TextStream(tokenizer, stop)
+        try:
+            for token in tokens:
+                if token in tokenizer.eos_ids:
+                    break
+                piece = text.push(token)
+                if piece:
+                    yield piece
+                if text.stopped:
+                    return
+            tail = text.finish()
+            if tail:
+                yield tail
+        finally:
+            tokens.close()
+
+    @staticmethod
+    def _tokens(request: _Request) -> Iterator[int]:
+        try:
+            while True:
+                item = request.out.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            request.cancelled.set()
+
+    # ------------------------------------------------------------------------------------------
+    # the decoding thread
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending and not self._active():
+                    self._wake.wait()
+                arrivals = self._admissible()
+            for request in arrivals:
+                self._admit(request)
+            try:
+                if self._active():
+                    self._step()
+            except Exception as e:  # noqa: BLE001 - reported to every request in the batch; keep serving
+                log.exception("batched decoding step failed")
+                for request in self._active():
+                    self._finish(request, e)
+
+    def _active(self) -> list[_Request]:
+        return [r for r in self._rows if r is not None]
+
+    def _admissible(self) -> list[_Request]:
+        """Pending requests that fit now (free rows, same prompt count, enough slots), in arrival order."""
+        active = self._active()
+        free = self.max_batch - len(active)
+        n_prompts = {r.n_prompts for r in active if r.n_prompts is not None}
+        admitted, cursor = [], self._cursor if active else 0
+        for request in list(self._pending):
+            if request.cancelled.is_set():
+                self._pending.remove(request)
+                continue
+            if free == 0:
+                break
+            if request.n_prompts is not None and n_prompts - {request.n_prompts}:
+                continue  # another prompt count is decoding: wait until it drains
+            rows = active + admitted + [request]
+            start = max(cursor, len(request.ids))
+            if start + _remaining(rows) > self.capacity:
+                start = max(len(r.ids) + r.generated for r in rows)  # after compaction
+                if start + _remaining(rows) > self.capacity:
+                    continue
+            self._pending.remove(request)
+            admitted.append(request)
+            free -= 1
+            cursor = start
+            if request.n_prompts is not None:
+                n_prompts.add(request.n_prompts)
+        return admitted
+
+    def _admit(self, request: _Request) -> None:
+        """Prefill the request alone into a free row; its first token comes from the prefill."""
+        try:
+            with torch.inference_mode():
+                features, has_image = self.model.image_features([request.image])
+                request.kv = self.model.adapter_kv(features, has_image, request.adapter)
+                n = len(request.ids)
+                if request.sampling.max_new_tokens == 0:
+                    request.out.put(_END)
+                    return
+                rows = self._active() + [request]
+                if max(self._cursor, n) + _remaining(rows) > self.capacity:
+                    self._compact()
+                self._cursor = max(self._cursor, n)
+                row = next((i for i, r in enumerate(self._rows) if r is None), len(self._rows))
+                self._reserve(row + 1, self._cursor + _remaining(rows))
+                caches = [KVCache(c.k[row:row + 1], c.v[row:row + 1]) for c in self._caches]
+                tokens = torch.tensor([request.ids], dtype=torch.long, device=self._storage.device)
+                logits = prefill(self.base, tokens, caches, None, request.kv)  # [1, V], as when decoded alone
+                self._key_mask[row] = False
+                self._key_mask[row, :n] = True
+        except Exception as e:  # noqa: BLE001 - a bad request (image, settings) fails alone
+            request.out.put(e)
+            return
+        request.row = row
+        if row == len(self._rows):
+            self._rows.append(request)
+        else:
+            self._rows[row] = request
+        self._kv_stale = True
+        self.peak_rows = max(self.peak_rows, len(self._active()))
+        self._emit(request, logits[0])
+
+    def _step(self) -> None:
+        """One token for every active row, at the shared cursor slot."""
+        with torch.inference_mode():
+            if self._kv_stale:
+                self._batch_kv, self._kv_stale = self._build_batch_kv(), False
+            rows = self._storage.shape[2]  # every cache row takes part; free ones decode padding
+            device = self._storage.device
+            tokens = torch.zeros(rows, dtype=torch.long, device=device)
+            for request in self._active():
+                tokens[request.row] = request.next_token
+                self._key_mask[request.row, self._cursor] = True
+            logits = decode_one_token(self.base, tokens, self._cursor, self._caches, self._key_mask,
+                                      self._batch_kv)  # [R, V]
+        self._cursor += 1
+        self.steps += 1
+        for request in self._active():
+            self._emit(request, logits[request.row])
+
+    def _emit(self, request: _Request, logits: Tensor) -> None:
+        """Sample the request's next token from its logits [V] and hand it over; free the row when done."""
+        with torch.inference_mode():
+            token = int(sample(logits[None], request.sampling, request.generator)[0])
+        request.generated += 1
+        request.next_token = token
+        request.out.put(token)
+        eos = token in self.model.tokenizer.eos_ids if self.model.tokenizer is not None else False
+        if eos or request.generated >= request.sampling.max_new_tokens or request.cancelled.is_set():
+            self._finish(request, _END)
+
+    def _finish(self, request: _Request, last: Any) -> None:
+        request.out.put(last)
+        if 0 <= request.row < len(self._rows) and self._rows[request.row] is request:
+            self._rows[request.row] = None
+            self._kv_stale = True
+        if not self._active():  # drained: give the cache's memory back
+            self._rows, self._storage, self._caches, self._key_mask, self._cursor = [], None, [], None, 0
+
+    # ------------------------------------------------------------------------------------------
+    # the cache and the batch's prompt K/V
+
+    def _reserve(self, rows: int, slots: int) -> None:
+        """Grow the cache to at least `rows` x `slots` (in SLOT_CHUNK steps, at most `capacity` slots)."""
+        have_rows = 0 if self._storage is None else self._storage.shape[2]
+        have_slots = 0 if self._storage is None else self._storage.shape[4]
+        if rows <= have_rows and slots <= have_slots:
+            return
+        new_rows = max(rows, have_rows)
+        new_slots = min(max(-(-slots // SLOT_CHUNK) * SLOT_CHUNK, have_slots), self.capacity)
+        storage = self.base.new_cache(new_rows, new_slots)
+        key_mask = torch.zeros(new_rows, new_slots, dtype=torch.bool, device=storage.device)
+        if self._storage is not None:
+            storage[:, :, :have_rows, :, :have_slots] = self._storage
+            key_mask[:have_rows, :have_slots] = self._key_mask
+        self._storage, self._key_mask = storage, key_mask
+        self._caches = self.base.layer_caches(storage)
+
+    def _compact(self) -> None:
+        """Move every row's real slots to the front (positions are counted, so nothing else changes)."""
+        longest = 0
+        for request in self._active():
+            kept = self._key_mask[request.row, :self._cursor].nonzero().squeeze(1)  # [n]
+            n = kept.numel()
+            self._storage[:, :, request.row, :, :n] = self._storage[:, :, request.row, :, kept].clone()
+            self._key_mask[request.row] = False
+            self._key_mask[request.row, :n] = True
+            longest = max(longest, n)
+        self._cursor = longest
+
+    def _build_batch_kv(self) -> AdapterKV | None:
+        """Per-row prompt K/V [R, G, K, d] and gates [L, R, H] (zero for rows without that layer)."""
+        with_kv = [r for r in self._active() if r.kv is not None]
+        if not with_kv:
+            return None
+        rows, c = self._storage.shape[2], self.base.config
+        first = min(r.kv.first_layer for r in with_kv)
+        k_like = with_kv[0].kv.kv[0][0]  # [1, G, K, d]
+        gates = torch.zeros(c.n_layers - first, rows, c.n_heads, dtype=with_kv[0].kv.gates.dtype,
+                            device=k_like.device)
+        kv = []
+        for layer in range(first, c.n_layers):
+            pk = k_like.new_zeros(rows, *k_like.shape[1:])
+            pv = torch.zeros_like(pk)
+            for request in with_kv:
+                j = layer - request.kv.first_layer
+                if j >= 0:
+                    pk[request.row], pv[request.row] = request.kv.kv[j][0][0], request.kv.kv[j][1][0]
+                    gates[layer - first, request.row] = request.kv.gates[j]
+            kv.append((pk, pv))
+        return AdapterKV(first, kv, gates)
+
+
+def _remaining(requests: Sequence[_Request]) -> int:
+    """The most slots any of these requests may still write."""
+    return max(r.sampling.max_new_tokens - r.generated for r in requests)
