@@ -18,7 +18,7 @@ from mmadapter.batching import BatchEngine
 from mmadapter.generate import Sampling
 from mmadapter.model import build_model
 
-NEW_TOKENS = 16
+NEW_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
