@@ -196,7 +196,7 @@ class BatchEngine:
         """Prefill the request alone into a free row; its first token comes from the prefill."""
         try:
             with torch.inference_mode():
-                features, has_image = self.model.image_features([request.image])
+                features, has_image = self.model.image_features([request.image], request.adapter)
                 request.kv = self.model.adapter_kv(features, has_image, request.adapter)
                 n = len(request.ids)
                 if request.sampling.max_new_tokens == 0:
