@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .generate import Sampling, TextStream, decode_one_token, prefill, sample
+from .generate import Sampling, decode_one_token, prefill, sample, text_pieces
 from .llama import AdapterKV, KVCache
 
 if TYPE_CHECKING:
@@ -113,21 +113,10 @@ class BatchEngine:
         tokenizer = self.model._require_tokenizer()
         ids = self.model.prompt_ids(prompt, template, history, adapter)
         tokens = self.submit(ids, image, adapter, Sampling(max_new_tokens, temperature, top_p, top_k, seed))
-        text = TextStream(tokenizer, stop)
         try:
-            for token in tokens:
-                if token in tokenizer.eos_ids:
-                    break
-                piece = text.push(token)
-                if piece:
-                    yield piece
-                if text.stopped:
-                    return
-            tail = text.finish()
-            if tail:
-                yield tail
+            yield from text_pieces(tokens, tokenizer, stop)
         finally:
-            tokens.close()
+            tokens.close()  # stopped early: the request leaves the batch
 
     @staticmethod
     def _tokens(request: _Request) -> Iterator[int]:

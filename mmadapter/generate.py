@@ -9,7 +9,7 @@ the same prompt alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -172,3 +172,19 @@ class TextStream:
         piece = upto[self.emitted:]
         self.emitted = max(self.emitted, len(upto))
         return piece
+
+
+def text_pieces(tokens: Iterable[int], tokenizer: Tokenizer, stop: Sequence[str] = ()) -> Iterator[str]:
+    """One sequence's tokens as streamed text pieces, ending at EOS or a stop string (see TextStream)."""
+    stream = TextStream(tokenizer, stop)
+    for token in tokens:
+        if token in tokenizer.eos_ids:
+            break
+        piece = stream.push(token)
+        if piece:
+            yield piece
+        if stream.stopped:
+            return
+    tail = stream.finish()
+    if tail:
+        yield tail

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .adapter import Adapter
 from .config import AdapterConfig, VisionConfig
 from .feature_cache import FeatureCache
-from .generate import Sampling, TextStream, decode_tokens
+from .generate import Sampling, TextStream, decode_tokens, text_pieces
 from .llama import AdapterKV, Llama
 from .loss import head_cross_entropy
 from .tokenizer import Tokenizer
@@ -302,20 +302,9 @@ class MMAdapter(nn.Module):
         history: earlier (question, answer) turns of a chat, rendered with the template.
         """
         s = Sampling(max_new_tokens, temperature, top_p, top_k, seed)
-        stream = TextStream(self._require_tokenizer(), stop)
         ids = self.prompt_ids(prompt, template, history, adapter)
-        for step in self._decode([ids], [image], s, adapter):
-            token = int(step[0])
-            if token in self.tokenizer.eos_ids:
-                break
-            piece = stream.push(token)
-            if piece:
-                yield piece
-            if stream.stopped:
-                return
-        tail = stream.finish()
-        if tail:
-            yield tail
+        tokens = (int(step[0]) for step in self._decode([ids], [image], s, adapter))
+        yield from text_pieces(tokens, self._require_tokenizer(), stop)
 
     def _decode(self, prompts: list[list[int]], images: list[Any], s: Sampling,
                 adapter: Adapter | None) -> Iterator[Tensor]:
