@@ -18,7 +18,7 @@ LAYERS = [
     ("adapter, loaders, decoding", ["adapter", "quant", "weights", "generate"]),
     ("the composed model", ["model", "adapter_file"]),
     ("adapter files in and out", ["interop", "adapter_set", "checkpoint"]),
-    ("workflows", ["train_data", "train_log", "train", "evaluation"]),
+    ("workflows", ["train_data", "train_log", "train", "evaluation", "batching"]),
     ("entry points", ["app", "commands", "cli", "__main__", ""]),  # "": the package's public API (__init__)
 ]
 DATA_READERS = {"tokenizer.py", "weights.py"}  # readers of many file formats (vocabularies, checkpoints)
