@@ -7,6 +7,9 @@ only adapter tensors are ever saved. It holds
                        AdapterConfig(gate="per-layer"): one gate shared by the heads of a layer),
   projector (optional) the vision MLP that turns multi-scale CLIP features into one image token I_p.
 For sample b in layer l the prompt is P_l + I_p[b] (README, "The adapter, exactly"); text-only samples use P_l.
+With LLaMA-Adapter V2's visual-query projector I_p[b] is K image tokens [K, C], added to the K prompts
+token by token; V2 adapters also hold base tuning (biases, norms, LoRA: tuning.py) and, with new_gate, a
+per-layer scale of the prompt term: new_gate_l * tanh(g_l).
 """
 
 from __future__ import annotations
@@ -18,6 +21,23 @@ from torch import Tensor, nn
 
 from .config import AdapterConfig, LlamaConfig, VisionConfig
 from .llama import AdapterKV, Llama
+from .tuning import BaseTuning
+
+
+def build_projector(vision: VisionConfig, feature_dim: int, dim: int, n_prompts: int) -> nn.Module:
+    """The trainable image projector a vision config asks for: V1's MLP or V2's visual query."""
+    if vision.projector == "mlp":
+        from .vision import Projector
+
+        return Projector(feature_dim, dim, vision.projector_hidden)
+    if vision.projector == "visual-query":
+        from .visual_query import VisualQuery
+
+        if feature_dim % vision.clip_dim:
+            raise ValueError(f"tower features of size {feature_dim} are not whole tokens of width {vision.clip_dim}")
+        return VisualQuery(vision.clip_dim, dim, n_prompts, vision.query_width, vision.query_depth,
+                           vision.query_heads)
+    raise ValueError(f"unknown projector {vision.projector!r}; known: 'mlp', 'visual-query'")
 
 
 class Adapter(nn.Module):
@@ -30,13 +50,15 @@ class Adapter(nn.Module):
         self.template: str | None = None  # the prompt template it was trained with, when known
         self.prompts = nn.Parameter(torch.randn(n_layers, config.n_prompts, base.dim) * config.prompt_init_std)
         self.gates = nn.Parameter(torch.zeros(n_layers, config.n_gates(base.n_heads)))  # [L, H] or [L, 1]
+        self.gate_scale = nn.Parameter(torch.ones(n_layers)) if config.new_gate else None
+        self.tuning: BaseTuning | None = None
+        if config.tunes_base:
+            self.tuning = BaseTuning(base, config.bias_tuning, config.lora_rank)
         self.projector: nn.Module | None = None
         if vision is not None:
             if feature_dim is None:
                 raise ValueError("an adapter with a vision config needs the tower's feature_dim")
-            from .vision import Projector
-
-            self.projector = Projector(feature_dim, base.dim, vision.projector_hidden)
+            self.projector = build_projector(vision, feature_dim, base.dim, config.n_prompts)
         self.use_tower(None)
 
     def use_tower(self, tower: nn.Module | None) -> None:
@@ -49,12 +71,13 @@ class Adapter(nn.Module):
         return self.prompts.shape[0]
 
     def image_tokens(self, features: Tensor, has_image: Tensor | None = None) -> Tensor:
-        """I_p [B, C] from tower features [B, F]; rows without an image are zero (plain prompts)."""
+        """I_p [B, C] (or [B, K, C] for a visual-query projector) from tower features [B, F]; rows without
+        an image are zero (plain prompts)."""
         if self.projector is None:
             raise ValueError("this adapter has no projector: it was built without a vision config")
         tokens = self.projector(features.to(self.prompts.dtype))
         if has_image is not None:
-            tokens = tokens * has_image.to(tokens.dtype)[:, None]
+            tokens = tokens * has_image.to(tokens.dtype).view(-1, *[1] * (tokens.dim() - 1))
         return tokens
 
     def prompt_kv(self, base: Llama, image_tokens: Tensor | None = None) -> AdapterKV:
@@ -73,13 +96,21 @@ class Adapter(nn.Module):
                 prompt = prompt + visual  # [B, K, C]
             kv.append(base.layers[self.first_layer + i].attention.project_prompt(prompt))
         gates = torch.tanh(self.gates).expand(self.n_layers, self.base_config.n_heads)  # [L, H]
+        if self.gate_scale is not None:
+            gates = gates * self.gate_scale[:, None]
         return AdapterKV(self.first_layer, kv, gates)
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters by part, for the model summary."""
         counts = OrderedDict(prompts=self.prompts.numel(), gates=self.gates.numel())
+        if self.gate_scale is not None:
+            counts["gates"] += self.gate_scale.numel()
         if self.projector is not None:
             counts["projector"] = sum(p.numel() for p in self.projector.parameters())
+        if self.tuning is not None:
+            for name, p in self.tuning.named_parameters():
+                part = "bias" if ".bias." in name else "lora" if ".lora_" in name else "norms"
+                counts[part] = counts.get(part, 0) + p.numel()
         counts["total"] = sum(counts.values())
         return counts
 

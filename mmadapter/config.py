@@ -122,6 +122,12 @@ class AdapterConfig(_Serialisable):
     n_layers: int | None = None
     prompt_init_std: float = 1.0
     gate: str = "per-head"
+    # LLaMA-Adapter V2 (arXiv 2304.15010) tunes the base too: zero-init biases on wq/wo/w1/w2/w3 and every
+    # RMSNorm weight (bias_tuning), rank-r LoRA on the seven projections (lora_rank > 0), and a per-layer
+    # scale on the prompt term (new_gate). See tuning.py.
+    bias_tuning: bool = False
+    lora_rank: int = 0
+    new_gate: bool = False
 
     def __post_init__(self) -> None:
         if self.gate not in GATE_KINDS:
@@ -130,6 +136,10 @@ class AdapterConfig(_Serialisable):
     def n_gates(self, n_heads: int) -> int:
         """Gates per adapted layer."""
         return n_heads if self.gate == "per-head" else 1
+
+    @property
+    def tunes_base(self) -> bool:
+        return self.bias_tuning or self.lora_rank > 0
 
     def adapted_layers(self, n_base_layers: int) -> int:
         n = max(n_base_layers - 2, 1) if self.n_layers is None else self.n_layers
@@ -155,6 +165,16 @@ class VisionConfig(_Serialisable):
     projector_hidden: int = 128
     weights_hash: str | None = None  # sha256 prefix of the tower's weights, filled in when built
     seed: int = 0  # random weights (pretrained=None) come from this seed, so the same tower is built again
+    # "mlp": multi-scale global features -> MLP -> one image token (V1). "visual-query": every token of the
+    # last layer -> K learned queries through ViT blocks -> K image tokens, one per prompt (V2, visual_query.py).
+    projector: str = "mlp"
+    clip_dim: int = 768  # width of the tower's tokens (after proj) the visual query reads; set by the tower
+    query_width: int = 768
+    query_depth: int = 8
+    query_heads: int = 16
+    # Swap the image's channels before preprocessing: LLaMA-Adapter V2's reference reads images with OpenCV
+    # (BGR) and feeds them as RGB, so its released weights were trained and evaluated on swapped channels.
+    bgr: bool = False
 
     @classmethod
     def from_spec(cls, spec: str, **fields: Any) -> VisionConfig:

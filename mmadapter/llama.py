@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LlamaConfig
+from .tuning import frozen_projection
 
 
 def matvec_or_matmul(x: Tensor, weight: Tensor) -> Tensor:
@@ -213,15 +214,16 @@ class Attention(nn.Module):
     @property
     def activation_dtype(self) -> torch.dtype:
         """The activations' dtype: the weights' for float bases, fp32 (the norms') for quantised ones."""
-        weight = getattr(self.wo, "weight", None)
+        weight = getattr(frozen_projection(self.wo), "weight", None)
         return weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
 
     def project_prompt(self, prompt: Tensor) -> tuple[Tensor, Tensor]:
-        """Adaptation prompts [Bp, K, C] through this layer's frozen W_k / W_v, without RoPE."""
+        """Adaptation prompts [Bp, K, C] through this layer's frozen W_k / W_v (never their LoRA), without RoPE."""
         bp, n, _ = prompt.shape
+        wk, wv = frozen_projection(self.wk), frozen_projection(self.wv)
         prompt = prompt.to(self.activation_dtype)
-        k = self.wk(prompt).view(bp, n, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [Bp, G, K, d]
-        v = self.wv(prompt).view(bp, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k = wk(prompt).view(bp, n, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [Bp, G, K, d]
+        v = wv(prompt).view(bp, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return k, v
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None = None,

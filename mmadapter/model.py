@@ -20,6 +20,7 @@ from .generate import Sampling, TextStream, decode_tokens, text_pieces
 from .llama import AdapterKV, Llama
 from .loss import head_cross_entropy
 from .tokenizer import Tokenizer
+from .tuning import apply_tuning
 from .weights import DEFAULT_BASE, load_base_checkpoint
 
 _UNSET: Any = object()
@@ -158,6 +159,7 @@ class MMAdapter(nn.Module):
                    adapter: Adapter | None = _UNSET) -> AdapterKV | None:
         """Prompt K/V for this batch (through autograd when training); None without an adapter."""
         adapter = self.adapter if adapter is _UNSET else adapter
+        apply_tuning(self.base, adapter.tuning if adapter is not None else None)  # V2 biases/norms/LoRA or none
         if adapter is None:
             if image_features is not None:
                 raise ValueError("images need an adapter with a projector; this model has no adapter")

@@ -87,9 +87,18 @@ class VisionTower(nn.Module):
 
         self.kind = _tower_kind(open_clip, visual, name)
         self.visual = visual
+        self.all_tokens = config.projector == "visual-query"
+        if self.all_tokens and self.kind != "vit":
+            raise ValueError(f"{name}: the visual-query projector reads ViT tokens; this is a {self.kind} tower")
         self.n_scales = config.n_scales
-        self.take_indices = self._scale_indices(visual, config.n_scales)
+        self.take_indices = [len(visual.transformer.resblocks) - 1] if self.all_tokens else \
+            self._scale_indices(visual, config.n_scales)
         self.feature_dim = self._feature_dim(visual)
+        if self.all_tokens:
+            clip_dim = int(visual.proj.shape[1]) if visual.proj is not None else visual.ln_post.normalized_shape[0]
+            n_tokens = visual.positional_embedding.shape[0]  # patches + class token
+            self.feature_dim = n_tokens * clip_dim  # every token, flattened: [B, N * E]
+            config = dataclasses.replace(config, clip_dim=clip_dim)
         self.transform: Callable[[Image.Image], torch.Tensor] = preprocess
         self.resize_mode: str = visual.preprocess_cfg.get("resize_mode", "shortest")
         size = visual.preprocess_cfg["size"]
@@ -100,7 +109,8 @@ class VisionTower(nn.Module):
         self.weights_hash = weights_sha256(self.visual)[:16]
         self.config = dataclasses.replace(config, weights_hash=self.weights_hash)
         variant = "+quickgelu" if quick_gelu else ""
-        self.fingerprint = f"{name}{variant}:m{config.n_scales}:{self.weights_hash}"
+        features = "tokens" if self.all_tokens else f"m{config.n_scales}"
+        self.fingerprint = f"{name}{variant}:{features}{':bgr' if config.bgr else ''}:{self.weights_hash}"
         if config.weights_hash is not None and config.weights_hash != self.weights_hash:
             log.warning(
                 "vision tower weights (sha256 %s) differ from the ones this config was trained with (%s): "
@@ -117,7 +127,10 @@ class VisionTower(nn.Module):
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """RGB PIL image -> [3, H, W]: open_clip's resize, crop and normalisation, after the size policy
-        of `fit_for_tower` (every image path, training, evaluation, app and API, comes through here)."""
+        of `fit_for_tower` (every image path, training, evaluation, app and API, comes through here).
+        Channels are swapped first when the config asks for BGR (VisionConfig.bgr)."""
+        if self.config.bgr:
+            image = Image.merge("RGB", image.convert("RGB").split()[::-1])
         return self.transform(fit_for_tower(image, self.resize_mode))
 
     def preprocess_batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -129,6 +142,14 @@ class VisionTower(nn.Module):
         """[B, 3, H, W] preprocessed pixels -> [B, feature_dim] multi-scale global features."""
         first_param = next(self.visual.parameters())
         pixels = pixels.to(device=first_param.device, dtype=first_param.dtype)
+        if self.all_tokens:  # LLaMA-Adapter V2: every token of the last block through ln_post and proj
+            out = self.visual.forward_intermediates(
+                pixels, indices=self.take_indices, intermediates_only=True,
+                output_fmt="NLC", output_extra_tokens=True,
+            )
+            tokens = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+            tokens = self._project_class_token(tokens)  # [B, N, E]: ln_post and proj act per token
+            return tokens.flatten(1)  # [B, N * E]
         if self.kind == "vit":
             out = self.visual.forward_intermediates(
                 pixels, indices=self.take_indices, intermediates_only=True,

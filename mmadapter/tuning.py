@@ -1,0 +1,117 @@
+"""Bias, norm and LoRA tuning of the frozen base (LLaMA-Adapter V2, arXiv 2304.15010 §3).
+
+V2 unfreezes a few cheap things of the base itself:
+  bias tuning   zero-init biases on wq, wo, w1, w2, w3 of every layer, and every RMSNorm weight
+                (both layers' norms and the final norm) replaced by a tuned copy;
+  LoRA          y = W x + B (A x) on wq, wk, wv, wo, w1, w2, w3, with A [r, in], B [out, r].
+The tensors live in the adapter (so only they are saved); `apply_tuning` puts them into a base by
+wrapping whatever frozen projection is there (plain, quantised, ...) in a `TunedLinear` and pointing
+the norms at the tuned weights, and takes them out again when another adapter (or none) is used.
+
+The prompt K/V of the adapted layers go through the frozen W_k / W_v only, without LoRA, as in the
+reference: `Attention.project_prompt` calls `frozen_projection(self.wk)`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LlamaConfig
+
+BIASED = ("wq", "wo", "w1", "w2", "w3")
+LORA = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+ATTENTION = ("wq", "wk", "wv", "wo")
+
+
+def projection_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of every projection of a layer."""
+    c, q, kv, f = config.dim, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, config.ffn_dim
+    return {"wq": (c, q), "wk": (c, kv), "wv": (c, kv), "wo": (q, c), "w1": (c, f), "w3": (c, f), "w2": (f, c)}
+
+
+class TunedLinear(nn.Module):
+    """A frozen projection plus a tuned bias and/or LoRA: frozen(x) + B (A x) + bias."""
+
+    def __init__(self, frozen: nn.Module, bias: Tensor | None, lora_a: Tensor | None, lora_b: Tensor | None) -> None:
+        super().__init__()
+        self.frozen = frozen
+        self.bias, self.lora_a, self.lora_b = bias, lora_a, lora_b  # Parameters owned by the adapter's LayerTuning
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.frozen(x)
+        if self.lora_a is not None:
+            y = y + F.linear(F.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+
+def frozen_projection(module: nn.Module) -> nn.Module:
+    """The frozen projection inside a TunedLinear (or the module itself)."""
+    return module.frozen if isinstance(module, TunedLinear) else module
+
+
+class LayerTuning(nn.Module):
+    """One layer's tuned tensors: biases [out], LoRA A [r, in] / B [out, r], norm weights [C]."""
+
+    def __init__(self, config: LlamaConfig, bias: bool, lora_rank: int) -> None:
+        super().__init__()
+        shapes = projection_shapes(config)
+        self.bias = nn.ParameterDict({n: nn.Parameter(torch.zeros(shapes[n][1])) for n in BIASED} if bias else {})
+        self.lora_a = nn.ParameterDict(
+            {n: nn.Parameter(torch.randn(lora_rank, shapes[n][0]) / shapes[n][0] ** 0.5) for n in LORA}
+            if lora_rank else {})
+        self.lora_b = nn.ParameterDict(
+            {n: nn.Parameter(torch.zeros(shapes[n][1], lora_rank)) for n in LORA} if lora_rank else {})
+        self.attention_norm = nn.Parameter(torch.ones(config.dim)) if bias else None
+        self.ffn_norm = nn.Parameter(torch.ones(config.dim)) if bias else None
+
+
+class BaseTuning(nn.Module):
+    """The tuned tensors of every layer (and the final norm) of one base."""
+
+    def __init__(self, config: LlamaConfig, bias: bool, lora_rank: int) -> None:
+        super().__init__()
+        if lora_rank < 0:
+            raise ValueError(f"lora_rank={lora_rank} must be 0 (no LoRA) or positive")
+        self.layers = nn.ModuleList(LayerTuning(config, bias, lora_rank) for _ in range(config.n_layers))
+        self.norm = nn.Parameter(torch.ones(config.dim)) if bias else None
+
+    def copy_base_norms(self, base: nn.Module) -> None:
+        """Start the tuned norms from the base's own (what training from a base does)."""
+        with torch.no_grad():
+            if self.norm is not None:
+                self.norm.copy_(_norm_weight(base.norm))
+                for tuned, layer in zip(self.layers, base.layers):
+                    tuned.attention_norm.copy_(_norm_weight(layer.attention_norm))
+                    tuned.ffn_norm.copy_(_norm_weight(layer.ffn_norm))
+
+
+def _norm_weight(norm: nn.Module) -> Tensor:
+    return norm.__dict__.get("_frozen_weight", norm.weight)
+
+
+def apply_tuning(base: nn.Module, tuning: BaseTuning | None) -> None:
+    """Make `base` compute with `tuning` (None: the untouched frozen base). Cheap when already so."""
+    if getattr(base, "_active_tuning", None) is tuning:
+        return
+    for i, layer in enumerate(base.layers):
+        t = tuning.layers[i] if tuning is not None else None
+        for module, names in ((layer.attention, ATTENTION), (layer.feed_forward, ("w1", "w2", "w3"))):
+            for name in names:
+                frozen = frozen_projection(getattr(module, name))
+                bias = t.bias[name] if t is not None and name in t.bias else None
+                a = t.lora_a[name] if t is not None and name in t.lora_a else None
+                b = t.lora_b[name] if t is not None and name in t.lora_b else None
+                setattr(module, name, frozen if bias is None and a is None else TunedLinear(frozen, bias, a, b))
+        _set_norm(layer.attention_norm, t.attention_norm if t is not None else None)
+        _set_norm(layer.ffn_norm, t.ffn_norm if t is not None else None)
+    _set_norm(base.norm, tuning.norm if tuning is not None else None)
+    base.__dict__["_active_tuning"] = tuning  # not a submodule: the base does not own the adapter's tensors
+
+
+def _set_norm(norm: nn.Module, tuned: nn.Parameter | None) -> None:
+    frozen = norm.__dict__.setdefault("_frozen_weight", norm.weight)  # plain attribute: never in state_dict
+    norm.weight = tuned if tuned is not None else frozen
