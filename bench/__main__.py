@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import bandwidth, decode, epoch, memory, prefix_cache, quant, serving, train_step
+from . import bandwidth, decode, epoch, memory, prefix_cache, quant, serving, train_step, v2
 from .common import RESULTS, machine, markdown_of, setup_threads
 
 SUITE = {"bandwidth": bandwidth.run, "train_step": train_step.run, "epoch": epoch.run,
-         "prefix_cache": prefix_cache.run, "decode": decode.run, "memory": memory.run,
+         "prefix_cache": prefix_cache.run, "decode": decode.run, "v2": v2.run, "memory": memory.run,
          "quant": quant.run, "serving": serving.run}
 
 

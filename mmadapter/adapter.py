@@ -24,6 +24,14 @@ from .llama import AdapterKV, Llama
 from .tuning import BaseTuning
 
 
+def variant_name(config: AdapterConfig, vision: VisionConfig | None) -> str:
+    """The kind of adapter, for people: LLaMA-Adapter (V1 prompts, optional image MLP) or V2 multimodal."""
+    if config.tunes_base or config.new_gate or (vision is not None and vision.projector == "visual-query"):
+        parts = (["bias"] if config.bias_tuning else []) + ([f"LoRA r{config.lora_rank}"] if config.lora_rank else [])
+        return f"LLaMA-Adapter V2 multimodal ({' + '.join(parts) or 'prompts only'})"
+    return "LLaMA-Adapter" + (" multimodal (image MLP)" if vision is not None else "")
+
+
 def build_projector(vision: VisionConfig, feature_dim: int, dim: int, n_prompts: int) -> nn.Module:
     """The trainable image projector a vision config asks for: V1's MLP or V2's visual query."""
     if vision.projector == "mlp":
@@ -69,6 +77,10 @@ class Adapter(nn.Module):
     @property
     def n_layers(self) -> int:
         return self.prompts.shape[0]
+
+    @property
+    def variant(self) -> str:
+        return variant_name(self.config, self.vision_config if self.projector is not None else None)
 
     def image_tokens(self, features: Tensor, has_image: Tensor | None = None) -> Tensor:
         """I_p [B, C] (or [B, K, C] for a visual-query projector) from tower features [B, F]; rows without

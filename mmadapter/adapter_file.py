@@ -231,4 +231,5 @@ def _same_model(a: str, b: str) -> bool:
 def _same_tower(tower: Any, want: VisionConfig, feature_dim: int | None) -> bool:
     have = tower.config
     return (have.model == want.model and have.n_scales == want.n_scales and tower.feature_dim == feature_dim
+            and have.projector == want.projector and have.bgr == want.bgr
             and (not want.weights_hash or tower.weights_hash.startswith(want.weights_hash)))

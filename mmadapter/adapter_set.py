@@ -48,11 +48,7 @@ class AdapterSet:
     def from_folder(cls, model: MMAdapter, folder: str | os.PathLike, *, allow_base_mismatch: bool = False,
                     vision: VisionConfig | str | None = None) -> AdapterSet:
         """Every adapter in `folder`: *.safetensors (ours or PEFT), V1 *.pth, PEFT sub-directories."""
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: no such adapter directory")
-        found = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and _is_adapter(p))
-        return cls.from_paths(model, found, allow_base_mismatch=allow_base_mismatch, vision=vision)
+        return cls.from_paths(model, adapter_paths(folder), allow_base_mismatch=allow_base_mismatch, vision=vision)
 
     def add(self, name: str, adapter: Adapter | None, source: str = "") -> None:
         if name in self._adapters:
@@ -105,6 +101,14 @@ class AdapterSet:
 
     def __len__(self) -> int:
         return len(self._adapters)
+
+
+def adapter_paths(folder: str | os.PathLike) -> list[Path]:
+    """The adapters in a folder, sorted: *.safetensors, *.pth / *.pt, PEFT sub-directories."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such adapter directory")
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and _is_adapter(p))
 
 
 def _is_adapter(path: Path) -> bool:

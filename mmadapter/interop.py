@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("mmadapter", "peft", "v1")
+FORMATS = ("mmadapter", "peft", "v1", "v2")
 V1_QUERY_KEY = "adapter_query.weight"
 V1_DEFAULT_PROMPTS = 10  # the official adapter_len; the release file does not store it
 V1_TEMPLATE = "alpaca"  # the V1 release was trained on Alpaca with the Alpaca prompt
@@ -89,9 +89,19 @@ def detect_format(path: str | os.PathLike) -> str:
     if path.name in PEFT_WEIGHTS:
         return "peft"
     if path.suffix in (".pth", ".pt"):
-        return "v1"
+        return "v2" if _is_v2_file(path) else "v1"
     raise InteropError(f"{path}: unknown adapter format; expected an mmadapter .safetensors file, a PEFT adapter "
-                       "directory (adapter_config.json + adapter_model.safetensors) or a LLaMA-Adapter V1 .pth")
+                       "directory (adapter_config.json + adapter_model.safetensors) or a LLaMA-Adapter V1 / V2 .pth")
+
+
+def _is_v2_file(path: Path) -> bool:
+    """A LLaMA-Adapter V2 checkpoint ({"model", "config"}); unreadable files are left to the V1 reader's error."""
+    from .interop_v2 import is_v2
+
+    try:
+        return is_v2(load_torch_weights(path))
+    except Exception:
+        return False
 
 
 def import_adapter(model: MMAdapter, path: str | os.PathLike, fmt: str | None = None, *,
@@ -100,7 +110,8 @@ def import_adapter(model: MMAdapter, path: str | os.PathLike, fmt: str | None = 
     """An adapter of any supported format built over `model`'s base (not activated).
 
     n_prompts / n_layers override K / L for V1 files, which do not store K; `vision` is where the image
-    tower of a multimodal mmadapter file is (see `load_adapter`).
+    tower of a multimodal mmadapter file is (see `load_adapter`), or the tower of a V2 checkpoint (default:
+    CLIP ViT-L/14 'openai', channel-swapped images; see interop_v2.py).
     """
     fmt = fmt or detect_format(path)
     if fmt not in FORMATS:
@@ -111,6 +122,10 @@ def import_adapter(model: MMAdapter, path: str | os.PathLike, fmt: str | None = 
         return load_adapter(model, path, activate=False, allow_base_mismatch=allow_base_mismatch, vision=vision)
     if fmt == "peft":
         return load_peft(model, path)
+    if fmt == "v2":
+        from .interop_v2 import load_v2
+
+        return load_v2(model, path, vision)
     return load_v1(model, path, n_prompts=n_prompts, n_layers=n_layers)
 
 
@@ -151,6 +166,10 @@ def read_v1(path: str | os.PathLike) -> dict[str, Tensor]:
         raise InteropError(f"{path}: cannot read it as a weights-only PyTorch file ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); it is corrupt or holds more than "
                            "tensors (only plain tensor files are loaded, nothing is unpickled)") from e
+    from .interop_v2 import is_v2
+
+    if is_v2(state):
+        raise InteropError(f"{path}: a LLaMA-Adapter V2 checkpoint, not V1; read it as format 'v2'")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a training checkpoint ({"model": ..., "optimizer": ...})
     if not isinstance(state, dict) or V1_QUERY_KEY not in state:

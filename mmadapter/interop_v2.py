@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .adapter import Adapter
+from .adapter import Adapter, variant_name
 from .adapter_file import AdapterFileError
 from .atomic import atomic_save
 from .config import AdapterConfig, LlamaConfig, VisionConfig
@@ -84,10 +84,34 @@ def read_v2(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]
     return config, tensors
 
 
-def variant_name(config: AdapterConfig) -> str:
-    """What the released checkpoints call this kind (BIAS-7B and CAPTION-7B are bias-tuned, LORA-BIAS-* add LoRA)."""
-    parts = (["bias"] if config.bias_tuning else []) + ([f"LoRA r{config.lora_rank}"] if config.lora_rank else [])
-    return f"LLaMA-Adapter V2 multimodal ({' + '.join(parts) or 'prompts only'})"
+def describe_v2(path: str | os.PathLike) -> dict[str, Any]:
+    """What a V2 file holds, for `mmadapter info` (no base needed)."""
+    config, tensors = read_v2(path)
+    adapter, vision = v2_configs(config, tensors, source=str(path))
+    layers = sorted({int(m.group(1)) for k in tensors if (m := _LAYER.match(k))})
+    n_base = layers[-1] + 1 if layers else adapter.n_layers
+    counts: dict[str, int] = {}
+    for name, t in tensors.items():
+        part = ("prompts" if name == "adapter_query.weight" else "gates" if name.endswith("gate")
+                else "lora" if ".lora_" in name else "norms" if name.startswith("llama.") and "norm" in name
+                else "bias" if name.startswith("llama.") else "projector")
+        counts[part] = counts.get(part, 0) + t.numel()
+    counts["total"] = sum(counts.values())
+    return {
+        "format": variant_name(adapter, vision),
+        "config": config,
+        "adapter": {"n_prompts": adapter.n_prompts, "n_layers": adapter.n_layers,
+                    "layers": f"{n_base - adapter.n_layers}-{n_base - 1}", "dim": tensors["adapter_query.weight"].shape[1],
+                    "image_tokens": f"{adapter.n_prompts}, one per prompt",
+                    "visual_query": f"{vision.query_depth} blocks of width {vision.query_width} over CLIP tokens of "
+                                    f"width {vision.clip_dim}"},
+        "parameters": counts,
+        "tower": f"{TOWER.model} '{TOWER.pretrained}' (every token of the last layer); images channel-swapped "
+                 "(BGR) like the reference's",
+        "template": TEMPLATE,
+        "reference_sampling": SAMPLING,
+        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,8 +238,12 @@ def v2_to_state(tensors: dict[str, Tensor], shell: Adapter, base: LlamaConfig, s
         if name not in state:
             v2 = _v2_name(name, names)
             state[name] = _reorder(tensors[v2].float(), _permuted(v2, base), to_half=True)
-    unused = [i for i in range(first) if bool(tensors[f"llama.layers.{i}.attention.gate"].ne(0).any())
-              or (shell.gate_scale is not None and bool(tensors[f"llama.layers.{i}.attention.new_gate"].ne(1).any()))]
+    def changed(name: str, initial: float) -> bool:
+        t = tensors.get(name)
+        return t is not None and not t.is_meta and bool(t.ne(initial).any())
+
+    unused = [i for i in range(first) if changed(f"llama.layers.{i}.attention.gate", 0.0)
+              or changed(f"llama.layers.{i}.attention.new_gate", 1.0)]
     if unused:
         log.warning("%s: layers %s are not adapted but their gate / new_gate differ from the initial 0 / 1; "
                     "the reference never uses them either, and exporting writes 0 / 1 back", source, unused)

@@ -17,6 +17,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_vision_arg(p, "where the image tower of the adapters trained with MODEL is, when not where their files "
                       "say (default: each adapter gets the tower its file names)")
     p.add_argument("--adapters-dir", default="adapters", help="folder of adapter .safetensors files (default: ./adapters)")
+    p.add_argument("--adapter", default=None, metavar="FILE",
+                   help="one more adapter, selected at start: ours, PEFT, LLaMA-Adapter V1 or V2 multimodal (.pth; "
+                        "V2 builds its own CLIP ViT-L/14 tower, or uses --vision)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
@@ -34,15 +37,20 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_service(args: argparse.Namespace):
-    from ..adapter_set import AdapterSet
+    from ..adapter_set import AdapterSet, adapter_paths
     from ..model import load_base
 
     from .service import ChatService
 
     model = load_base(args.base, dtype=args.dtype, device=args.device)
+    adapters = AdapterSet(model, args.vision)
+    if args.adapter:
+        adapters.load(args.adapter)  # asked for by name: a failure stops the start, with its reason
     adapters_dir = Path(args.adapters_dir)
-    adapters = AdapterSet.from_folder(model, adapters_dir, vision=args.vision) if adapters_dir.is_dir() \
-        else AdapterSet(model, args.vision)
+    if adapters_dir.is_dir():
+        for path in adapter_paths(adapters_dir):
+            if path.resolve() != Path(args.adapter or "").resolve():
+                adapters.try_load(path)
     engine = None
     if args.max_batch > 0:
         from ..batching import BatchEngine

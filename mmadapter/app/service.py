@@ -63,7 +63,9 @@ class ChatService:
                 lines.append(f"{WARN}**The vision tower `{tower.config.model}` has random weights: answers about "
                              "images are meaningless.** Its adapters were trained over it; train one over real CLIP "
                              "weights (`--vision ViT-L-14:openai`) for images that mean something.")
-        lines.append(f"**Adapters:** {', '.join(f'`{n}`' for n in self.adapters.names())}")
+        shown = [f"`{n}`" + (f" ({a.variant})" if (a := self.adapters.get(n)) is not None else "")
+                 for n in self.adapters.names()]
+        lines.append(f"**Adapters:** {', '.join(shown)}")
         for path, error in self.adapters.errors.items():
             lines.append(f"{WARN}`{Path(path).name}` could not be loaded: {error}")
         return "  \n".join(lines)

@@ -10,7 +10,9 @@ from ..weights import DEFAULT_BASE
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=DEFAULT_BASE,
                    help=f"base model: embedded name, local dir/.gguf, or hub id (default: {DEFAULT_BASE})")
-    p.add_argument("--adapter", default=None, help="adapter file (.safetensors) to load over the base")
+    p.add_argument("--adapter", default=None,
+                   help="adapter to load over the base: ours (.safetensors), PEFT, LLaMA-Adapter V1 or V2 multimodal "
+                        "(.pth; V2 builds its CLIP ViT-L/14 tower)")
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="load an adapter whose base fingerprint differs (same model, other format/quantisation)")
     add_vision_arg(p, "the image tower of a multimodal adapter, when it is not where the adapter file says "
@@ -57,12 +59,13 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 
 def load_model(args: argparse.Namespace):
     """Base (+ adapter) from the shared model flags."""
-    from ..adapter_file import load_adapter
+    from ..interop import import_adapter
     from ..model import load_base
 
     if args.vision is not None and not args.adapter:
         raise ValueError("--vision names the image tower of a multimodal adapter; pass that adapter with --adapter")
     model = load_base(args.base, dtype=args.dtype, device=args.device)
     if args.adapter:
-        load_adapter(model, args.adapter, allow_base_mismatch=args.allow_base_mismatch, vision=args.vision)
+        model.use_adapter(import_adapter(model, args.adapter, allow_base_mismatch=args.allow_base_mismatch,
+                                         vision=args.vision))
     return model

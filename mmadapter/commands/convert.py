@@ -1,4 +1,4 @@
-"""`mmadapter convert`: import LLaMA-Adapter V1 / PEFT adapters, export ours to PEFT."""
+"""`mmadapter convert`: import LLaMA-Adapter V1 / V2 / PEFT adapters, export ours to PEFT or V2."""
 
 from __future__ import annotations
 
@@ -10,20 +10,23 @@ from ..weights import DEFAULT_BASE
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "convert", help="import a V1 / PEFT adapter or export one to PEFT",
+        "convert", help="import a V1 / V2 / PEFT adapter or export one to PEFT / V2",
         description="Convert an adapter between formats: an mmadapter .safetensors file, a PEFT AdaptionPrompt "
-                    "directory, a LLaMA-Adapter V1 .pth (import only). Importing reads the base to check shapes "
-                    "and record its fingerprint; exporting an mmadapter file needs no base.",
+                    "directory, a LLaMA-Adapter V1 .pth (import only), a LLaMA-Adapter V2 multimodal .pth. "
+                    "Importing reads the base (and a V2 file's CLIP tower) to check shapes and record fingerprints; "
+                    "exporting an mmadapter file needs no base.",
         epilog="examples:\n"
                "  mmadapter convert llama_adapter_len10_layer30_release.pth alpaca.safetensors --to mmadapter "
                "--base /models/llama-7b\n"
                "  mmadapter convert peft_adapter_dir/ mine.safetensors --to mmadapter --base /models/llama-7b\n"
-               "  mmadapter convert mine.safetensors peft_out/ --to peft",
+               "  mmadapter convert mine.safetensors peft_out/ --to peft\n"
+               "  mmadapter convert LORA-BIAS-7B.pth lora-bias.safetensors --to mmadapter --base /models/llama-7b\n"
+               "  mmadapter convert lora-bias.safetensors LORA-BIAS-7B.pth --to v2",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="adapter to read: .safetensors, PEFT directory, V1 .pth")
-    p.add_argument("dst", help="where to write: a .safetensors file (mmadapter) or a directory (peft)")
-    p.add_argument("--to", required=True, choices=["mmadapter", "peft"], help="output format")
-    p.add_argument("--from", dest="src_format", choices=["mmadapter", "peft", "v1"], default=None,
+    p.add_argument("src", help="adapter to read: .safetensors, PEFT directory, V1 / V2 .pth")
+    p.add_argument("dst", help="where to write: a .safetensors file (mmadapter), a directory (peft), a .pth (v2)")
+    p.add_argument("--to", required=True, choices=["mmadapter", "peft", "v2"], help="output format")
+    p.add_argument("--from", dest="src_format", choices=["mmadapter", "peft", "v1", "v2"], default=None,
                    help="input format (default: detected from the path)")
     p.add_argument("--base", default=DEFAULT_BASE,
                    help=f"base model the adapter belongs to, for imports: embedded name, local dir/.gguf, or hub id "
@@ -69,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
         base_name, fingerprint = model.base_name, model.base_fingerprint
     if args.to == "peft":
         save_peft(adapter, dst, base_name)
+    elif args.to == "v2":
+        from ..interop_v2 import save_v2
+
+        save_v2(adapter, dst)
     else:
         save_adapter(model, dst, adapter=adapter, training={"imported_from": fmt, "source": src.name})
     counts = adapter.parameter_counts()

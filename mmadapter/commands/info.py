@@ -1,6 +1,7 @@
 """`mmadapter info`: what an adapter file or a base checkpoint holds, read from headers only.
 
-Adapters: ours (.safetensors), PEFT AdaptionPrompt (directory or weights file), LLaMA-Adapter V1 (.pth).
+Adapters: ours (.safetensors), PEFT AdaptionPrompt (directory or weights file), LLaMA-Adapter V1 and V2
+multimodal (.pth).
 Bases: Hugging Face directory, Meta directory, .gguf. Nothing is dequantised or loaded into a model
 unless --fingerprint asks for the base fingerprint (which needs the weights).
 """
@@ -83,14 +84,19 @@ def _mmadapter(path: Path) -> dict[str, Any]:
     meta, tensors = read_adapter(path)
     n_layers, n_prompts, dim = tensors["prompts"].shape
     first = meta.base_config.n_layers - n_layers
-    projector = sum(v.numel() for k, v in tensors.items() if k.startswith("projector."))
-    counts = {"prompts": tensors["prompts"].numel(), "gates": tensors["gates"].numel()}
-    if projector:
-        counts["projector"] = projector
+    counts: dict[str, int] = {}
+    for name, t in tensors.items():  # V1 parts, then V2's tuned biases / norms / LoRA and new_gate scales
+        part = (name if name in ("prompts", "gates") else "gates" if name == "gate_scale"
+                else "projector" if name.startswith("projector.") else "lora" if ".lora_" in name
+                else "bias" if ".bias." in name else "norms")
+        counts[part] = counts.get(part, 0) + t.numel()
     counts["total"] = sum(counts.values())
     gates = torch.tanh(tensors["gates"].float())
+    from ..adapter import variant_name
+
     return {
         "format": f"mmadapter adapter (version {meta.version})",
+        "variant": variant_name(meta.adapter, meta.vision),
         "adapter": {"n_prompts": n_prompts, "n_layers": n_layers, "layers": f"{first}-{first + n_layers - 1}",
                     "dim": dim, "gates": meta.adapter.gate, "tanh_gates": _range(gates)},
         "parameters": counts,
@@ -254,7 +260,13 @@ def _bytes_per_token(info: dict[str, Any]) -> dict[str, int]:
     return {name: bytes_per_token(config, dtype) for name, dtype in dtypes.items()}
 
 
-_DESCRIBE = {"mmadapter": _mmadapter, "peft": _peft, "v1": _v1, "hf": _hf, "meta": _meta, "gguf": _gguf}
+def _v2(path: Path) -> dict[str, Any]:
+    from ..interop_v2 import describe_v2
+
+    return describe_v2(path)
+
+
+_DESCRIBE = {"mmadapter": _mmadapter, "peft": _peft, "v1": _v1, "v2": _v2, "hf": _hf, "meta": _meta, "gguf": _gguf}
 
 
 # ----------------------------------------------------------------------------------------------
