@@ -72,7 +72,7 @@ def detect_format(path: str | os.PathLike) -> str:
     """The format at `path`, "mmadapter", "peft" or "v1", from its layout (the readers check contents)."""
     path = Path(path)
     if not path.exists():
-        raise InteropError(f"{path}: no such file or directory")
+        raise InteropError(f"{path}: no such adapter file or directory")
     if path.is_dir():
         if (path / PEFT_CONFIG).exists() or any((path / w).exists() for w in PEFT_WEIGHTS):
             return "peft"

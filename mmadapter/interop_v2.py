@@ -303,17 +303,13 @@ def load_v2(model: MMAdapter, path: str | os.PathLike, vision: VisionConfig | No
         raise V2Error(f"{path}: its clip_proj reads tokens of width {vision.clip_dim} but the tower {tower.model} "
                       f"gives {tower.clip_dim}; use the tower it was trained with (CLIP ViT-L/14 for the releases)")
     adapter = adapter_from_v2(config, tensors, model.base.config, model.vision.feature_dim, tower, str(path))
-    return adapter.to(model.base.tok_embeddings.weight.device)
+    return adapter.to(model.device)
 
 
 def ensure_v2_tower(model: MMAdapter, vision: VisionConfig, source: str) -> None:
     """Build the all-token tower a V2 adapter reads, or check that the model's tower is one."""
-    from .feature_cache import FeatureCache
-    from .vision import VisionTower
-
     if model.vision is None:
-        model.vision = VisionTower(vision).to(model.base.tok_embeddings.weight.device)
-        model.feature_cache = model.feature_cache or FeatureCache()
+        model.attach_vision(vision)
     have = model.vision.config
     if have.projector != "visual-query":
         raise V2Error(f"{source}: a LLaMA-Adapter V2 checkpoint reads every token of the tower's last layer, but "
@@ -323,9 +319,9 @@ def ensure_v2_tower(model: MMAdapter, vision: VisionConfig, source: str) -> None
 
 def save_v2(adapter: Adapter, path: str | os.PathLike) -> Path:
     """Write one of our V2 adapters as a released-layout .pth (atomically)."""
-    if adapter.tuning is None and adapter.gate_scale is None and (adapter.vision_config is None or
-                                                                 adapter.vision_config.projector != "visual-query"):
-        raise V2Error("only LLaMA-Adapter V2 adapters (visual-query projector, bias / LoRA tuning) export to V2")
+    if adapter.projector is None or adapter.vision_config.projector != "visual-query":
+        raise V2Error(f"only LLaMA-Adapter V2 multimodal adapters (a visual-query projector) export to V2; this is "
+                      f"a {adapter.variant}")
     c = adapter.config
     config = {"w_bias": c.bias_tuning, "w_lora": c.lora_rank > 0, "lora_rank": c.lora_rank or 16}
     path = Path(path)

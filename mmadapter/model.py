@@ -108,6 +108,8 @@ class MMAdapter(nn.Module):
         vision_config = getattr(self.vision, "config", None)
         feature_dim = getattr(self.vision, "feature_dim", None)
         self.use_adapter(Adapter(config or AdapterConfig(), self.base.config, vision_config, feature_dim))
+        if self.adapter.tuning is not None:
+            self.adapter.tuning.copy_base_norms(self.base)  # tuned norms start as the base's: same model at step 0
         return self.adapter
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -6,7 +6,8 @@ V2 unfreezes a few cheap things of the base itself:
   LoRA          y = W x + B (A x) on wq, wk, wv, wo, w1, w2, w3, with A [r, in], B [out, r].
 The tensors live in the adapter (so only they are saved); `apply_tuning` puts them into a base by
 wrapping whatever frozen projection is there (plain, quantised, ...) in a `TunedLinear` and pointing
-the norms at the tuned weights, and takes them out again when another adapter (or none) is used.
+the norms at the tuned weights, and takes them out again when another adapter (or none) is used. The
+base never registers the adapter's tensors: its parameters and state dict stay the frozen weights.
 
 The prompt K/V of the adapted layers go through the frozen W_k / W_v only, without LoRA, as in the
 reference: `Attention.project_prompt` calls `frozen_projection(self.wk)`.
@@ -37,7 +38,9 @@ class TunedLinear(nn.Module):
     def __init__(self, frozen: nn.Module, bias: Tensor | None, lora_a: Tensor | None, lora_b: Tensor | None) -> None:
         super().__init__()
         self.frozen = frozen
-        self.bias, self.lora_a, self.lora_b = bias, lora_a, lora_b  # Parameters owned by the adapter's LayerTuning
+        # The adapter's Parameters, deliberately not registered here: the base's parameters, state dict,
+        # fingerprint and freeze() keep meaning the frozen weights only.
+        self.__dict__.update(bias=bias, lora_a=lora_a, lora_b=lora_b)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.frozen(x)
@@ -90,7 +93,7 @@ class BaseTuning(nn.Module):
 
 
 def _norm_weight(norm: nn.Module) -> Tensor:
-    return norm.__dict__.get("_frozen_weight", norm.weight)
+    return norm._parameters["weight"]  # the base's own weight, even while a tuned one shadows it
 
 
 def apply_tuning(base: nn.Module, tuning: BaseTuning | None) -> None:
@@ -113,5 +116,9 @@ def apply_tuning(base: nn.Module, tuning: BaseTuning | None) -> None:
 
 
 def _set_norm(norm: nn.Module, tuned: nn.Parameter | None) -> None:
-    frozen = norm.__dict__.setdefault("_frozen_weight", norm.weight)  # plain attribute: never in state_dict
-    norm.weight = tuned if tuned is not None else frozen
+    """Point `norm.weight` at the tuned weight (an instance attribute shadows the registered, frozen one,
+    which stays the base's parameter) or back at the frozen one."""
+    if tuned is None:
+        norm.__dict__.pop("weight", None)
+    else:
+        norm.__dict__["weight"] = tuned

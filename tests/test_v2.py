@@ -44,7 +44,7 @@ def v2_model(variant: str, vision):
     from mmadapter.interop import import_adapter
 
     model = load_base(str(FIX / "base"), dtype=torch.float32)
-    model.adapter = import_adapter(model, FIX / f"{variant}.pth", vision=vision)  # format detected: v2
+    model.use_adapter(import_adapter(model, FIX / f"{variant}.pth", vision=vision))  # format detected: v2
     return model
 
 
@@ -184,7 +184,7 @@ def test_round_trip_without_loss(variant, tmp_path, tiny_vision):
     model = v2_model(variant, tiny_vision)
     ours = save_adapter(model, tmp_path / "v2.safetensors")
     again = load_base(str(FIX / "base"), dtype=torch.float32)
-    again.vision, again.feature_cache = model.vision, model.feature_cache
+    again.attach_vision(model.vision)
     loaded = load_adapter(again, ours)
     back = save_v2(loaded, tmp_path / "back.pth")
     config, tensors = read_v2(FIX / f"{variant}.pth")
@@ -280,3 +280,30 @@ def test_app_loads_a_v2_file_and_shows_its_variant(tiny_vision, tmp_path):
     assert service.model.vision.config.projector == "visual-query" and service.model.vision.config.bgr
     assert service.adapters.names()[1] == "lora"
     assert "`lora` (LLaMA-Adapter V2 multimodal (bias + LoRA r4))" in service.status_markdown()
+
+
+def test_fresh_v2_adapter_starts_as_the_base():
+    """Zero-init biases, LoRA B and gates, and norms copied from the base: a new V2 adapter changes nothing."""
+    from mmadapter import AdapterConfig, load_base
+
+    model = load_base(str(FIX / "base"), dtype=torch.float32)
+    tokens = torch.tensor([[1, 9, 27, 3, 44]])
+    with torch.inference_mode():
+        before = model(tokens)
+    model.add_adapter(AdapterConfig(n_prompts=4, n_layers=2, bias_tuning=True, lora_rank=4, new_gate=True), seed=0)
+    with torch.inference_mode():
+        assert_close(model(tokens), before, atol=1e-6, rtol=0)
+    assert {"bias", "lora", "norms"} <= set(model.adapter.parameter_counts())
+
+
+def test_tuned_base_keeps_only_its_frozen_parameters(tiny_vision):
+    """While a V2 adapter is applied the base's parameters are still its own frozen ones; freezing the model
+    leaves the adapter's tuned tensors trainable."""
+    model = v2_model("lora", tiny_vision)
+    names = {n for n, _ in model.base.named_parameters()}
+    model(torch.tensor([[1, 2, 3]]))  # applies the tuning
+    assert {n for n, _ in model.base.named_parameters()} == names
+    adapter_params = {id(p) for p in model.adapter.parameters()}
+    assert not adapter_params & {id(p) for p in model.base.parameters()}
+    model.base.requires_grad_(False)
+    assert all(p.requires_grad for p in model.adapter.tuning.parameters())
