@@ -289,32 +289,48 @@ def adapter_from_v2(config: dict[str, Any], tensors: dict[str, Tensor], base: Ll
     return adapter
 
 
-def load_v2(model: MMAdapter, path: str | os.PathLike, vision: VisionConfig | None = None) -> Adapter:
-    """A V2 .pth as an Adapter over `model`'s base, with the V2 tower built when the model has none.
+def load_v2(model: MMAdapter, path: str | os.PathLike, vision: VisionConfig | str | None = None) -> Adapter:
+    """A V2 .pth as an Adapter over `model`'s base, with the all-token tower it reads (not activated).
 
-    vision: the tower and visual-query settings (default TOWER: OpenAI CLIP ViT-L/14, the released
-    16-head visual blocks, images channel-swapped like the reference's). The adapter is not activated.
+    vision: where that tower is (`MODEL[:WEIGHTS]` or a VisionConfig; default TOWER: OpenAI CLIP ViT-L/14,
+    the released 16-head visual blocks, images channel-swapped like the reference's). The model's tower is
+    used when it is that one; otherwise the adapter gets its own, shared with other adapters over it.
     """
     config, tensors = read_v2(path)
-    _, vision = v2_configs(config, tensors, vision, str(path))
-    ensure_v2_tower(model, vision, str(path))
-    tower = model.vision.config
-    if tower.clip_dim != vision.clip_dim:
-        raise V2Error(f"{path}: its clip_proj reads tokens of width {vision.clip_dim} but the tower {tower.model} "
-                      f"gives {tower.clip_dim}; use the tower it was trained with (CLIP ViT-L/14 for the releases)")
-    adapter = adapter_from_v2(config, tensors, model.base.config, model.vision.feature_dim, tower, str(path))
-    return adapter.to(model.device)
-
-
-def ensure_v2_tower(model: MMAdapter, vision: VisionConfig, source: str) -> None:
-    """Build the all-token tower a V2 adapter reads, or check that the model's tower is one."""
+    _, want = v2_configs(config, tensors, tower_config(vision), str(path))
+    tower = model.vision if model.vision is not None and _is_tower(model.vision.config, want) else None
+    if tower is None:
+        try:
+            tower = model.shared_tower(want)
+        except (ValueError, OSError, RuntimeError) as e:
+            raise V2Error(f"{path}: cannot build its image tower ({want.spec}): {e}. If the weights are elsewhere, "
+                          f"point at them: --vision {want.model}:/path/to/weights") from e
+    if tower.config.clip_dim != want.clip_dim:
+        raise V2Error(f"{path}: its clip_proj reads tokens of width {want.clip_dim} but the tower {want.model} "
+                      f"gives {tower.config.clip_dim}; use the tower it was trained with (CLIP ViT-L/14 for the "
+                      "releases)")
+    adapter = adapter_from_v2(config, tensors, model.base.config, tower.feature_dim, tower.config, str(path))
+    adapter = adapter.to(model.device)
     if model.vision is None:
-        model.attach_vision(vision)
-    have = model.vision.config
-    if have.projector != "visual-query":
-        raise V2Error(f"{source}: a LLaMA-Adapter V2 checkpoint reads every token of the tower's last layer, but "
-                      f"this model's tower ({have.model}) gives multi-scale global features (a V1 tower); "
-                      "load the checkpoint on a model without a tower and it builds its own")
+        model.attach_vision(tower)
+    if tower is not model.vision:
+        adapter.use_tower(tower)
+    return adapter
+
+
+def tower_config(given: VisionConfig | str | None) -> VisionConfig:
+    """The V2 tower: TOWER, or TOWER at the model and weights given (a full visual-query config is kept)."""
+    if given is None:
+        return TOWER
+    given = VisionConfig.from_spec(given) if isinstance(given, str) else given
+    if given.projector == "visual-query":
+        return given
+    return dataclasses.replace(TOWER, model=given.model, pretrained=given.pretrained, seed=given.seed)
+
+
+def _is_tower(have: VisionConfig, want: VisionConfig) -> bool:
+    return (have.projector == want.projector and have.bgr == want.bgr and have.spec == want.spec
+            and have.seed == want.seed)
 
 
 def save_v2(adapter: Adapter, path: str | os.PathLike) -> Path:
