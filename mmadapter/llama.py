@@ -93,7 +93,7 @@ class RMSNorm(nn.Module):
         # Normalise in fp32 whatever the activation dtype (as the reference and transformers do).
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight.to(x.dtype) * x32.to(x.dtype)  # a tuned fp32 weight (V2) keeps bf16 activations bf16
 
 
 def rope_inv_freq(config: LlamaConfig) -> Tensor:
