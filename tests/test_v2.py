@@ -315,7 +315,7 @@ def test_tuning_wraps_quantised_and_bf16_bases(dtype, tiny_vision, golden):
     from mmadapter import load_base
     from mmadapter.interop import import_adapter
 
-    model = load_base(str(FIX / "base"), dtype=getattr(torch, dtype, dtype))
+    model = load_base(str(FIX / "base"), dtype={"int8": "int8", "bfloat16": torch.bfloat16}[dtype])
     model.use_adapter(import_adapter(model, FIX / "lora.pth", vision=tiny_vision))
     with torch.inference_mode():
         features = model.vision(golden["pixels"])
