@@ -64,6 +64,12 @@ def interleaved_to_half(w: Tensor, n_heads: int) -> Tensor:
     return w.reshape(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
 
 
+def half_to_interleaved(w: Tensor, n_heads: int) -> Tensor:
+    """The inverse of `interleaved_to_half` (exporting to the Meta layout, e.g. LLaMA-Adapter V2 files)."""
+    out, inp = w.shape
+    return w.reshape(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
 def gguf_shape(t: Any) -> tuple[int, ...]:
     """A GGUF tensor's shape in PyTorch order (GGUF lists the fastest-varying dimension first)."""
     return tuple(reversed([int(d) for d in t.shape]))

@@ -35,7 +35,7 @@ from .adapter_file import AdapterFileError
 from .atomic import atomic_save
 from .config import AdapterConfig, LlamaConfig, VisionConfig
 from .safe_io import load_torch_weights
-from .weights import half_to_interleaved, interleaved_to_half
+from .gguf_tensor import half_to_interleaved, interleaved_to_half
 
 if TYPE_CHECKING:
     from .model import MMAdapter

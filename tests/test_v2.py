@@ -268,7 +268,7 @@ def _byte_tokenizer(tokenizer_cls):
 
 def test_app_loads_a_v2_file_and_shows_its_variant(tiny_vision, tmp_path):
     """`serve --adapter file.pth`: the V2 tower is built for it, it is selected, and the status names the variant."""
-    from app.__main__ import add_serve_args, build_service
+    from mmadapter.app.serve import add_serve_args, build_service
     import argparse
 
     parser = argparse.ArgumentParser()
