@@ -13,11 +13,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmadapter"
 LAYERS = [
     ("foundation", ["config", "atomic", "safe_io", "images", "loss", "distributed", "stop_signals", "plot",
                     "data.templates", "data.records"]),
-    ("pieces", ["llama", "tokenizer", "gguf_tensor", "vision", "feature_cache", "prefix_cache", "data.encode",
+    ("pieces", ["llama", "tuning", "visual_query", "tokenizer", "gguf_tensor", "vision", "feature_cache", "prefix_cache", "data.encode",
                 "data.scienceqa"]),
     ("adapter, loaders, decoding", ["adapter", "quant", "weights", "generate"]),
     ("the composed model", ["model", "adapter_file"]),
-    ("adapter files in and out", ["interop", "adapter_set", "checkpoint"]),
+    ("adapter files in and out", ["interop", "interop_v2", "adapter_set", "checkpoint"]),
     ("workflows", ["train_data", "train_log", "train", "evaluation", "batching"]),
     ("entry points", ["app", "commands", "cli", "__main__", ""]),  # "": the package's public API (__init__)
 ]
