@@ -87,6 +87,6 @@ def test_stop_strings_cancel_and_bad_requests(smollm, adapters):
     with pytest.raises(ValueError, match="exceed the context"):
         engine.submit([1] * 250, sampling=Sampling(16))
     with pytest.raises(ValueError, match="no vision tower|has no image pathway|projector"):
-        list(engine.submit(smollm.prompt_ids("Hi"), image=Image.new("RGB", (8, 8))))
+        list(engine.submit(smollm.prompt_ids("Hi"), image=Image.new("RGB", (8, 8)), sampling=Sampling(8)))
     assert "".join(engine.stream("What is the capital of France?", max_new_tokens=12)) == \
         smollm.generate("What is the capital of France?", max_new_tokens=12)  # still serving
