@@ -11,7 +11,8 @@ generated tokens at the cursor's slots, so the slots between are masked out; RoP
 row's real tokens only (the key mask), which makes the gap invisible. When the cache would overflow,
 the rows are compacted (their real slots moved to the front, positions unchanged). Rows whose
 adapters cover different layers share a batch (absent layers get a zero gate); adapters with a
-different number of prompts wait until the batch has drained.
+different number of prompts, or another V2 bias/LoRA tuning of the base (which lives in the shared base
+weights), wait until the batch has drained.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ class _Request:
     @property
     def n_prompts(self) -> int | None:
         return None if self.adapter is None else int(self.adapter.prompts.shape[1])
+
+    @property
+    def tuning(self) -> int | None:
+        """Which V2 bias/norm/LoRA tuning the base must carry for this request (None: the plain base)."""
+        return None if self.adapter is None or self.adapter.tuning is None else id(self.adapter.tuning)
 
 
 class BatchEngine:
@@ -167,6 +173,8 @@ class BatchEngine:
                 break
             if request.n_prompts is not None and n_prompts - {request.n_prompts}:
                 continue  # another prompt count is decoding: wait until it drains
+            if any(r.tuning != request.tuning for r in active + admitted):
+                continue  # V2 tuning lives in the shared base: one tuning per batch
             rows = active + admitted + [request]
             start = max(cursor, len(request.ids))
             if start + _remaining(rows) > self.capacity:
