@@ -39,8 +39,8 @@ def describe(path: Path, fingerprint: bool = False) -> dict[str, Any]:
     """A JSON-able summary of `path`."""
     kind, path = _kind(path)
     info = {"path": str(path), **_DESCRIBE[kind](path)}
-    if kind in ("hf", "gguf"):
-        info["decode_bytes_per_token"] = _bytes_per_token(info)
+    if kind in ("hf", "gguf") and (per_token := _bytes_per_token(info)):
+        info["decode_bytes_per_token"] = per_token
     if kind in ("hf", "meta", "gguf") and fingerprint:
         from ..weights import load_base_checkpoint
 
@@ -250,6 +250,10 @@ def _bytes_per_token(info: dict[str, Any]) -> dict[str, int]:
         config = LlamaConfig.from_dict(info["config"])
     else:
         meta = info["metadata"]
+        shape = ("llama.attention.head_count", "llama.embedding_length", "llama.block_count",
+                 "llama.feed_forward_length")
+        if not all(k in meta for k in shape):
+            return {}  # a GGUF without the model's shape: nothing to compute (info still describes it)
         heads = int(meta["llama.attention.head_count"])
         config = LlamaConfig(dim=int(meta["llama.embedding_length"]), n_layers=int(meta["llama.block_count"]),
                              n_heads=heads, n_kv_heads=int(meta.get("llama.attention.head_count_kv", heads)),
