@@ -1,0 +1,104 @@
+"""The generated shapes world: determinism, geometry, and every answer recomputed from the scene."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from mmadapter.data import shapes
+from mmadapter.data.shapes import Scene, Thing
+
+
+def hand_scene() -> Scene:
+    """Three objects placed by hand; the answers below were worked out on paper."""
+    return Scene((
+        Thing("red", "circle", x=0.2, y=0.2, r=0.08),
+        Thing("blue", "square", x=0.8, y=0.8, r=0.08),
+        Thing("orange", "circle", x=0.35, y=0.75, r=0.08),
+    ))
+
+
+@pytest.mark.parametrize("question, answer", [
+    ("What color is the square?", "blue"),
+    ("What shape is the orange object?", "circle"),
+    ("How many objects are there?", "3"),
+    ("How many circles are there?", "2"),
+    ("How many triangles are there?", "0"),
+    ("Is the blue object on the left or on the right?", "right"),
+    ("Is the red object at the top or at the bottom?", "top"),
+    ("What shape is the object closest to the red object?", "circle"),  # orange: 0.57 away, blue: 0.85
+    ("What shape is the object farthest from the red object?", "square"),
+    ("How many objects have the same shape as the red object?", "2"),  # itself included, as in Sort-of-CLEVR
+    ("Describe this image.", "a red circle, an orange circle and a blue square."),
+])
+def test_answers_of_a_hand_made_scene(question, answer):
+    scene = hand_scene()
+    assert shapes.answer_question(scene, question) == answer
+    generated = {qa.question: qa.answer for qa in shapes.questions(scene)}
+    if question in generated:
+        assert generated[question] == answer
+
+
+def test_every_generated_answer_is_recomputed_from_the_scene():
+    kinds = Counter()
+    for split in ("train", "test"):
+        for index in range(150):
+            scene = shapes.make_scene(split, index)
+            for qa in shapes.questions(scene):
+                kinds[qa.kind] += 1
+                assert shapes.answer_question(scene, qa.question) == qa.answer, (split, index, qa)
+    assert set(kinds) == set(shapes.QUESTION_KINDS)
+
+
+def test_scenes_follow_the_rules():
+    for index in range(300):
+        scene = shapes.make_scene("val", index)
+        objs = scene.objects
+        assert 1 <= len(objs) <= 6
+        assert len({o.color for o in objs}) == len(objs)  # every object a different colour
+        for a in objs:
+            assert a.shape in shapes.SHAPES and 0 < a.x - a.r and a.x + a.r < 1 and 0 < a.y - a.r and a.y + a.r < 1
+            for b in objs:
+                if a is not b:
+                    assert np.hypot(a.x - b.x, a.y - b.y) > a.r + b.r  # no overlap
+
+
+def test_generation_is_deterministic_and_splits_differ():
+    assert shapes.make_scene("test", 7) == shapes.make_scene("test", 7)
+    assert shapes.make_scene("test", 7) != shapes.make_scene("train", 7)
+    scene = shapes.make_scene("test", 7)
+    a = shapes.render(scene, 96, noise=5.0, jpeg_quality=60, rng=np.random.default_rng(1))
+    b = shapes.render(scene, 96, noise=5.0, jpeg_quality=60, rng=np.random.default_rng(1))
+    assert a.tobytes() == b.tobytes()
+    first, again = shapes.test_set(50), shapes.test_set(50)
+    assert first == again
+
+
+def test_fixed_test_set_has_600_questions_of_every_kind():
+    test = shapes.test_set()
+    counts = Counter(qa.kind for _, qa in test)
+    assert all(counts[kind] == 600 for kind in shapes.QUESTION_KINDS), counts
+    assert len(set(test)) == len(test)
+
+
+@pytest.mark.parametrize("size", [64, 200, 512])
+def test_renders_at_any_size_with_the_object_colours(size):
+    scene = Scene((Thing("green", "square", 0.3, 0.3, 0.1), Thing("yellow", "triangle", 0.7, 0.7, 0.12)))
+    image = shapes.render(scene, size)
+    assert image.size == (size, size) and image.mode == "RGB"
+    assert image.getpixel((int(0.3 * size), int(0.3 * size))) == shapes.COLORS["green"]
+    assert image.getpixel((int(0.7 * size), int(0.72 * size))) == shapes.COLORS["yellow"]
+    assert image.getpixel((2, 2)) == (245, 245, 240)  # background
+
+
+def test_questions_outside_the_templates_are_refused_clearly():
+    with pytest.raises(ValueError, match="not a shapes-world question"):
+        shapes.answer_question(hand_scene(), "What is the meaning of life?")
+
+
+def test_answers_compare_after_lower_casing_and_stripping_punctuation():
+    assert shapes.normalise_answer(" Red.") == "red"
+    assert shapes.normalise_answer("A red circle, a blue square.") == shapes.normalise_answer(
+        "a red circle a blue square")
