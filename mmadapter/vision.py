@@ -65,6 +65,9 @@ class VisionTower(nn.Module):
         if config.n_scales < 1:
             raise ValueError(f"VisionConfig.n_scales={config.n_scales} must be at least 1")
         name = _canonical_name(config.model)
+        from .demo.tower import register_tower_config
+
+        register_tower_config()  # the shipped demo tower's architecture, known like open_clip's own
         _check_model_config(open_clip, name)
         pretrained, quick_gelu = _resolve_pretrained(open_clip, name, config.pretrained)
         try:
@@ -81,6 +84,11 @@ class VisionTower(nn.Module):
         except RuntimeError as e:
             if pretrained is not None and Path(pretrained).is_file():
                 raise VisionWeightsError(f"{pretrained} does not hold {name} weights: {e}") from e
+            raise
+        except Exception as e:  # e.g. safetensors' own error type for a truncated or garbage file
+            if pretrained is not None and Path(pretrained).is_file():
+                raise VisionWeightsError(f"{pretrained} cannot be read as {name} weights ({type(e).__name__}: {e}); "
+                                         "the file is truncated, corrupt or not a checkpoint") from e
             raise
         visual = model.visual
         del model  # the text tower is never used: let it be freed
@@ -279,6 +287,12 @@ def _resolve_pretrained(open_clip: Any, model_name: str, pretrained: str | None)
             model_name, model_name, model_name,
         )
         return None, False
+    from .demo.tower import DEMO_TAG, TOWER_NAME
+
+    if model_name == TOWER_NAME and pretrained == DEMO_TAG:  # the tower shipped inside the package
+        from .demo import TOWER_FILE
+
+        pretrained = str(TOWER_FILE)
     path = Path(pretrained).expanduser()
     if path.is_file() or path.suffix in CHECKPOINT_SUFFIXES or os.sep in pretrained or "/" in pretrained:
         if not path.is_file():

@@ -17,6 +17,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_vision_arg(p, "where the image tower of the adapters trained with MODEL is, when not where their files "
                       "say (default: each adapter gets the tower its file names)")
     p.add_argument("--adapters-dir", default="adapters", help="folder of adapter .safetensors files (default: ./adapters)")
+    p.add_argument("--no-demo", action="store_true",
+                   help="do not load the shipped shapes-world demo (its small CLIP tower and adapter)")
     p.add_argument("--adapter", default=None, metavar="FILE",
                    help="one more adapter, selected at start: ours, PEFT, LLaMA-Adapter V1 or V2 multimodal (.pth; "
                         "V2 builds its own CLIP ViT-L/14 tower, or uses --vision)")
@@ -56,7 +58,13 @@ def build_service(args: argparse.Namespace):
         from ..batching import BatchEngine
 
         engine = BatchEngine(model, max_batch=args.max_batch, max_slots=args.max_prompt_tokens + 1024)
-    return ChatService(model, adapters, max_prompt_tokens=args.max_prompt_tokens, engine=engine)
+    image_adapter, notes = None, []
+    if not args.no_demo:
+        from ..demo import add_demo_adapter
+
+        image_adapter, notes = add_demo_adapter(adapters)
+    return ChatService(model, adapters, max_prompt_tokens=args.max_prompt_tokens, engine=engine,
+                       image_adapter=image_adapter, status_notes=notes)
 
 
 def launch(args: argparse.Namespace, block: bool = True):

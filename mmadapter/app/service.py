@@ -32,19 +32,25 @@ class Reply:
     text: str
     note: str | None = None
     image_rejected: bool = False  # the upload was not a usable image: forget it for this conversation
+    notice: str | None = None  # shown above the answer, before it streams (e.g. "this adapter cannot see")
 
     def render(self) -> str:
+        head = f"_{self.notice}_\n\n" if self.notice else ""
         if not self.note:
-            return self.text
+            return head + self.text
         if not self.text:
-            return WARN + self.note
-        return f"{self.text}\n\n_({self.note})_"
+            return head + WARN + self.note
+        return f"{head}{self.text}\n\n_({self.note})_"
 
 
 class ChatService:
     def __init__(self, model: MMAdapter, adapters: AdapterSet, max_prompt_tokens: int = 2048,
-                 max_image_pixels: int = 40_000_000, engine: BatchEngine | None = None) -> None:
-        self.model, self.adapters, self.engine = model, adapters, engine  # engine: decode requests together
+                 max_image_pixels: int = 40_000_000, engine: BatchEngine | None = None,
+                 image_adapter: str | None = None, status_notes: Sequence[str] = ()) -> None:
+        """engine: decode requests together; image_adapter: the adapter that answers image questions when the
+        selected one cannot see; status_notes: extra lines for the status (e.g. what the demo tower knows)."""
+        self.model, self.adapters, self.engine = model, adapters, engine
+        self.image_adapter, self.status_notes = image_adapter, list(status_notes)
         self.max_prompt_tokens, self.max_image_pixels = max_prompt_tokens, max_image_pixels
         self._lock = threading.Lock()  # guards the counters only; requests run concurrently
         self.requests = self.failures = 0
@@ -66,6 +72,7 @@ class ChatService:
         shown = [f"`{n}`" + (f" ({a.variant})" if (a := self.adapters.get(n)) is not None else "")
                  for n in self.adapters.names()]
         lines.append(f"**Adapters:** {', '.join(shown)}")
+        lines += self.status_notes
         for path, error in self.adapters.errors.items():
             lines.append(f"{WARN}`{Path(path).name}` could not be loaded: {error}")
         return "  \n".join(lines)
@@ -86,7 +93,7 @@ class ChatService:
         except ValueError:
             yield Reply("", f"Unknown adapter {adapter_name!r}; pick one from the list.")
             return
-        image, note = None, None
+        image, note, notice = None, None, None
         if image_path is not None:
             try:
                 image = load_image(image_path, max_pixels=self.max_image_pixels)
@@ -94,8 +101,14 @@ class ChatService:
                 yield Reply("", f"That file could not be used as an image: {_user_message(e, image_path)}. "
                                 "Please upload a PNG, JPEG, WebP or similar picture.", image_rejected=True)
                 return
-            if adapter is None or adapter.projector is None:
-                image, note = None, "the selected adapter has no image pathway, so the image was not used"
+            if (adapter is None or adapter.projector is None) and self.image_adapter is not None:
+                adapter = self.adapters.get(self.image_adapter)
+                notice = f"Answered by the `{self.image_adapter}` adapter: the selected one cannot see images."
+            elif adapter is None or adapter.projector is None:
+                image = None
+                notice = ("The selected adapter cannot see images: the answer below ignores the image. "
+                          "Pick a multimodal adapter to ask about it.")
+                yield Reply("", notice=notice)  # said before any text is generated
         try:
             question, history, cut = self.model.fit_prompt(question, history, self.max_prompt_tokens, adapter=adapter)
             note = "; ".join(n for n in (note, cut) if n) or None
@@ -104,8 +117,8 @@ class ChatService:
             for piece in stream(question, image, history=history, adapter=adapter,
                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p):
                 text += piece
-                yield Reply(text, note)
-            yield Reply(text or "(no answer)", note)
+                yield Reply(text, note, notice=notice)
+            yield Reply(text or "(no answer)", note, notice=notice)
         except (ValueError, RuntimeError) as e:  # a bad setting or an internal failure: report, keep serving
             with self._lock:
                 self.failures += 1

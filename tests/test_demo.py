@@ -1,0 +1,88 @@
+"""The shipped demo (shapes-world CLIP tower + adapter over SmolLM2): it loads, sees, and still chats."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mmadapter.adapter_set import NO_ADAPTER, AdapterSet
+from mmadapter.data.shapes import COLORS, Scene, Thing, render
+from mmadapter.demo import ADAPTER_FILE, TOWER_FILE, DemoFileError, add_demo_adapter, load_demo
+
+EXAMPLES = Path(__file__).parents[1] / "app" / "examples"
+ONE_OBJECT = [Scene((Thing(color, shape, x, y, 0.14),)) for color, shape, x, y in [
+    ("red", "circle", 0.5, 0.5), ("blue", "square", 0.3, 0.6), ("green", "triangle", 0.6, 0.4),
+    ("orange", "circle", 0.7, 0.3), ("yellow", "square", 0.4, 0.7), ("gray", "triangle", 0.5, 0.5),
+]]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_demo()
+
+
+def test_the_shipped_files_fit_the_budget():
+    assert TOWER_FILE.stat().st_size + ADAPTER_FILE.stat().st_size <= 12 * 2**20
+
+
+def test_sees_colour_and_shape_of_fixed_images(demo):
+    images = [render(s, 160) for s in ONE_OBJECT]
+    colours = demo.generate(["What color is this shape?"] * len(images), image=images, max_new_tokens=4)
+    assert [a.strip().lower().rstrip(".") for a in colours] == [s.objects[0].color for s in ONE_OBJECT]
+    questions = [f"What shape is the {s.objects[0].color} object?" for s in ONE_OBJECT]
+    found = demo.generate(questions, image=images, max_new_tokens=4)
+    assert [a.strip().lower().rstrip(".") for a in found] == [s.objects[0].shape for s in ONE_OBJECT]
+
+
+def test_zeroing_the_image_token_removes_what_it_saw(demo):
+    """The same six questions with the image token zeroed (the adapter's prompts alone): one answer for
+    six different colours, so at most one is right where the test above needs all six."""
+    blind = demo.generate(["What color is this shape?"] * len(ONE_OBJECT), max_new_tokens=4)
+    right = sum(a.strip().lower().rstrip(".") == s.objects[0].color for a, s in zip(blind, ONE_OBJECT))
+    assert right <= 1, blind
+    assert len({s.objects[0].color for s in ONE_OBJECT}) == len(COLORS)
+
+
+def test_plain_chat_still_works_with_the_demo_adapter(demo):
+    assert "Paris" in demo.generate("What is the capital of France?", max_new_tokens=24)
+
+
+def test_app_example_answers_red_for_the_red_circle(demo):
+    from app.service import ChatService
+
+    adapters = AdapterSet(demo)
+    name, notes = add_demo_adapter(demo, adapters)
+    assert name is not None and any("knows only the generated shapes world" in n for n in notes)
+    service = ChatService(demo, adapters, image_adapter=name, status_notes=notes)
+    assert "--vision ViT-L-14:openai" in service.status_markdown()
+    replies = list(service.answer("What color is this shape?", str(EXAMPLES / "red_circle.png"), [], NO_ADAPTER,
+                                  max_new_tokens=8))
+    assert replies[-1].text.strip().lower().rstrip(".") == "red"
+    assert "cannot see images" in replies[-1].notice  # the base alone was selected: the demo answered
+
+
+def test_an_adapter_that_cannot_see_says_so_before_answering(demo):
+    from app.service import ChatService
+
+    service = ChatService(demo, AdapterSet(demo))  # no image adapter to fall back on
+    replies = service.answer("What color is this shape?", str(EXAMPLES / "red_circle.png"), [], NO_ADAPTER,
+                             max_new_tokens=4)
+    first = next(replies)
+    assert first.text == "" and "cannot see images" in first.render()
+
+
+def test_missing_or_corrupt_shipped_files_are_named(tmp_path):
+    with pytest.raises(DemoFileError, match="missing.safetensors is missing"):
+        load_demo(adapter=tmp_path / "missing.safetensors")
+    bad_tower = tmp_path / TOWER_FILE.name
+    bad_tower.write_bytes(TOWER_FILE.read_bytes()[:1000])
+    with pytest.raises(DemoFileError, match=f"{bad_tower}.*cannot be loaded"):
+        load_demo(tower=bad_tower)
+    bad_adapter = tmp_path / ADAPTER_FILE.name
+    shutil.copyfile(ADAPTER_FILE, bad_adapter)
+    with bad_adapter.open("r+b") as f:
+        f.truncate(bad_adapter.stat().st_size - 100)
+    with pytest.raises(DemoFileError, match=f"{bad_adapter}.*cannot be loaded"):
+        load_demo(adapter=bad_adapter)
