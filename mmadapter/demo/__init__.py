@@ -46,7 +46,7 @@ def load_demo(base: str | None = None, adapter: str | Path | None = None, tower:
               ) -> MMAdapter:
     """The embedded base with the shapes-world tower and the demo adapter active."""
     from ..config import VisionConfig
-    from ..model import build_model, load_base
+    from ..model import load_base
     from ..adapter_file import load_adapter
     from ..vision import VisionWeightsError
 
@@ -56,7 +56,7 @@ def load_demo(base: str | None = None, adapter: str | Path | None = None, tower:
             raise DemoFileError(f"the {what} file {path} is missing; {REBUILD}")
     model = load_base(base) if base else load_base()
     try:
-        model = build_model(model, vision=VisionConfig(model=TOWER_NAME, pretrained=str(tower_file)))
+        model.attach_vision(VisionConfig(model=TOWER_NAME, pretrained=str(tower_file)))
     except (VisionWeightsError, RuntimeError, OSError, ValueError) as e:
         raise DemoFileError(f"the demo vision tower file {tower_file} cannot be loaded ({e}); {REBUILD}") from e
     try:
