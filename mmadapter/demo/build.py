@@ -57,8 +57,13 @@ def build(out: Path, budget: Budget, progress: bool = True) -> dict[str, Any]:
 
     t0 = time.time()
     report: dict[str, Any] = {"budget": asdict(budget)}
-    tower_file = out / "tower" / f"{TOWER_NAME}.safetensors"
-    tower = train_tower(tower_file, budget.tower, progress)
+    tower_file, tower_summary = out / "tower" / f"{TOWER_NAME}.safetensors", out / "tower" / "summary.json"
+    if tower_file.is_file() and tower_summary.is_file():  # a rerun after a later stage failed
+        tower = json.loads(tower_summary.read_text(encoding="utf-8"))
+        print(f"reusing the tower trained earlier: {tower_file}")
+    else:
+        tower = train_tower(tower_file, budget.tower, progress)
+        atomic_write_text(tower_summary, json.dumps(tower))
     plot_loss_curve([{"type": "train", "step": i + 1, "loss": v} for i, v in enumerate(tower.pop("losses"))],
                     out / "tower" / "tower_loss.png", f"{TOWER_NAME}: contrastive loss")
     report["tower"] = tower
