@@ -51,7 +51,7 @@ def test_app_example_answers_red_for_the_red_circle(demo):
     from app.service import ChatService
 
     adapters = AdapterSet(demo)
-    name, notes = add_demo_adapter(demo, adapters)
+    name, notes = add_demo_adapter(adapters)
     assert name is not None and any("knows only the generated shapes world" in n for n in notes)
     service = ChatService(demo, adapters, image_adapter=name, status_notes=notes)
     assert "--vision ViT-L-14:openai" in service.status_markdown()

@@ -190,8 +190,7 @@ def build_demo(service: ChatService) -> gr.Blocks:
         gr.Examples(
             examples=[[{"text": "What is the capital of France?", "files": []}],
                       [{"text": "Give me three tips for a good night's sleep.", "files": []}],
-                      [{"text": "What color is this shape?", "files": [str(EXAMPLES_DIR / "red_circle.png")]}],
-                      [{"text": "How many objects are there?", "files": [str(EXAMPLES_DIR / "shapes_scene.png")]}]],
+                      [{"text": "What color is this shape?", "files": [str(EXAMPLES_DIR / "red_circle.png")]}]],
             inputs=[box], label="Examples")
         inputs = [box, chatbot, adapter, temperature, top_p, max_new_tokens]
         box.submit(respond, inputs, [chatbot, box, session], api_name="chat")
