@@ -11,7 +11,7 @@ from mmadapter.adapter_set import NO_ADAPTER, AdapterSet
 from mmadapter.data.shapes import COLORS, Scene, Thing, render
 from mmadapter.demo import ADAPTER_FILE, TOWER_FILE, DemoFileError, add_demo_adapter, load_demo
 
-EXAMPLES = Path(__file__).parents[1] / "app" / "examples"
+EXAMPLES = Path(__file__).parents[1] / "mmadapter" / "app" / "examples"
 ONE_OBJECT = [Scene((Thing(color, shape, x, y, 0.14),)) for color, shape, x, y in [
     ("red", "circle", 0.5, 0.5), ("blue", "square", 0.3, 0.6), ("green", "triangle", 0.6, 0.4),
     ("orange", "circle", 0.7, 0.3), ("yellow", "square", 0.4, 0.7), ("gray", "triangle", 0.5, 0.5),
@@ -48,7 +48,7 @@ def test_plain_chat_still_works_with_the_demo_adapter(demo):
 
 
 def test_app_example_answers_red_for_the_red_circle(demo):
-    from app.service import ChatService
+    from mmadapter.app.service import ChatService
 
     adapters = AdapterSet(demo)
     name, notes = add_demo_adapter(adapters)
@@ -62,7 +62,7 @@ def test_app_example_answers_red_for_the_red_circle(demo):
 
 
 def test_an_adapter_that_cannot_see_says_so_before_answering(demo):
-    from app.service import ChatService
+    from mmadapter.app.service import ChatService
 
     service = ChatService(demo, AdapterSet(demo))  # no image adapter to fall back on
     replies = service.answer("What color is this shape?", str(EXAMPLES / "red_circle.png"), [], NO_ADAPTER,

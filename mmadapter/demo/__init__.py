@@ -2,7 +2,7 @@
 
     import mmadapter
     model = mmadapter.load_demo()            # SmolLM2-135M-Instruct + ShapesCLIP-64 + the shapes adapter
-    model.generate("What color is this shape?", image="red_circle.png")   # -> "red"
+    model.generate("What color is this shape?", image="red_circle.png")   # -> "red" (mmadapter/app/examples/)
 
 The tower knows only the shapes world (coloured circles, squares and triangles on a light
 background); for real photographs use a real CLIP and an adapter trained with it. Both files are
