@@ -30,6 +30,7 @@ ELSEWHERE = {
     "mmadapter convert llama_adapter": "tests/test_cli.py (convert and info round trip)",
     "make test": "the Makefile itself",
     "mmadapter chat --dtype int8": "tests/test_quant.py (int8 / int4 bases through the CLI and info)",
+    "mmadapter info LORA-BIAS-7B.pth": "tests/test_v2.py (info, convert both ways, the app, generation)",
 }
 SKIPPED_LINES = ("torchrun ",)  # tests/test_train_ddp.py runs training under torchrun
 
