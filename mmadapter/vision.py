@@ -65,7 +65,7 @@ class VisionTower(nn.Module):
         if config.n_scales < 1:
             raise ValueError(f"VisionConfig.n_scales={config.n_scales} must be at least 1")
         name = _canonical_name(config.model)
-        from .demo.tower import register_tower_config
+        from .demo.registry import register_tower_config
 
         register_tower_config()  # the shipped demo tower's architecture, known like open_clip's own
         _check_model_config(open_clip, name)
@@ -287,11 +287,9 @@ def _resolve_pretrained(open_clip: Any, model_name: str, pretrained: str | None)
             model_name, model_name, model_name,
         )
         return None, False
-    from .demo.tower import DEMO_TAG, TOWER_NAME
+    from .demo.registry import DEMO_TAG, TOWER_FILE, TOWER_NAME
 
     if model_name == TOWER_NAME and pretrained == DEMO_TAG:  # the tower shipped inside the package
-        from .demo import TOWER_FILE
-
         pretrained = str(TOWER_FILE)
     path = Path(pretrained).expanduser()
     if path.is_file() or path.suffix in CHECKPOINT_SUFFIXES or os.sep in pretrained or "/" in pretrained:

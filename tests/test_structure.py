@@ -12,13 +12,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmadapter"
 # Floors, bottom first. A module may import from its own floor or any floor below.
 LAYERS = [
     ("foundation", ["config", "atomic", "safe_io", "images", "loss", "distributed", "stop_signals", "plot",
-                    "data.templates", "data.records"]),
+                    "data.templates", "data.records", "data.shapes",
+                    "demo.registry"]),
     ("pieces", ["llama", "tuning", "visual_query", "tokenizer", "gguf_tensor", "vision", "feature_cache", "prefix_cache", "data.encode",
                 "data.scienceqa"]),
     ("adapter, loaders, decoding", ["adapter", "quant", "weights", "generate"]),
     ("the composed model", ["model", "adapter_file"]),
     ("adapter files in and out", ["interop", "interop_v2", "adapter_set", "checkpoint"]),
-    ("workflows", ["train_data", "train_log", "train", "evaluation", "batching"]),
+    ("workflows", ["train_data", "train_log", "train", "evaluation", "batching", "demo"]),
     ("entry points", ["app", "commands", "cli", "__main__", ""]),  # "": the package's public API (__init__)
 ]
 DATA_READERS = {"tokenizer.py", "weights.py"}  # readers of many file formats (vocabularies, checkpoints)

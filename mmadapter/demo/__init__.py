@@ -15,15 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..adapter_file import AdapterFileError
-from .tower import DEMO_TAG, TOWER_NAME, register_tower_config
+from .registry import ADAPTER_FILE, DEMO_TAG, TOWER_FILE, TOWER_NAME, WEIGHTS_DIR, register_tower_config
 
 if TYPE_CHECKING:
     from ..adapter_set import AdapterSet
     from ..model import MMAdapter
 
-WEIGHTS_DIR = Path(__file__).with_name("weights")
-TOWER_FILE = WEIGHTS_DIR / f"{TOWER_NAME}.safetensors"
-ADAPTER_FILE = WEIGHTS_DIR / "shapes-adapter.safetensors"
 DEMO_ADAPTER_NAME = "shapes-demo"
 REBUILD = "rebuild them with `make demo-weights` or reinstall mmadapter"
 

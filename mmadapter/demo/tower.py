@@ -22,19 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import shapes
-
-TOWER_NAME = "ShapesCLIP-64"
-DEMO_TAG = "shapes-demo"  # VisionConfig(model=TOWER_NAME, pretrained=DEMO_TAG): the weights shipped in the package
-CONFIG_FILE = Path(__file__).with_name(f"{TOWER_NAME}.json")
-
-
-def register_tower_config() -> None:
-    """Make open_clip know the demo tower's architecture (idempotent)."""
-    import open_clip
-
-    if open_clip.get_model_config(TOWER_NAME) is None:
-        open_clip.add_model_config(CONFIG_FILE)
-
+from .registry import DEMO_TAG, TOWER_NAME, register_tower_config  # noqa: F401 (DEMO_TAG for build.py)
 
 @dataclass
 class TowerTraining:
