@@ -276,3 +276,20 @@ def test_a_lone_surrogate_over_http_gets_an_answer(app):
     stream = stream_of_call(url, {"data": [{"text": "Hello \ud800 there?", "files": []}, [], NO_ADAPTER, 0.0, 0.9, 8]})
     assert "event: complete" in stream and "event: error" not in stream
     assert service.failures == failures
+
+
+def test_an_upload_two_sessions_share_is_deleted_only_when_both_are_done():
+    """Gradio stores uploads by content: two users uploading the same picture get the same file, and one
+    clearing their chat must not take the other's image away."""
+    from mmadapter.app.ui import SessionUploads
+
+    shared = Path(get_upload_folder()) / "shared-test-upload" / "red.png"
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    shared.write_bytes(png_bytes())
+    uploads = SessionUploads()
+    uploads.add("alice", [str(shared)])
+    uploads.add("bob", [str(shared)])
+    uploads.forget("alice")
+    assert shared.is_file()
+    uploads.drop("bob", str(shared))
+    assert not shared.exists()

@@ -61,7 +61,10 @@ def forget_uploads(paths: Iterable[str] | None) -> None:
 
 class SessionUploads:
     """Each browser or API session's uploaded files, so that they can be deleted when its conversation
-    ends: cleared, its page closed or reloaded (Gradio's unload event), or its state expired."""
+    ends: cleared, its page closed or reloaded (Gradio's unload event), or its state expired.
+
+    Gradio stores uploads by content, so two sessions that upload the same picture hold the same file: a file
+    is deleted only when no other session still holds it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -71,16 +74,23 @@ class SessionUploads:
         with self._lock:
             self._paths.setdefault(session, []).extend(paths)
 
-    def discard(self, session: str, path: str) -> None:
+    def drop(self, session: str, path: str) -> None:
+        """Forget one of the session's files (a rejected upload) and delete it unless another session holds it."""
         with self._lock:
             if path in self._paths.get(session, []):
-                self._paths[session].remove(path)
+                self._paths[session] = [p for p in self._paths[session] if p != path]
+            unheld = [path] if self._unheld(path) else []
+        forget_uploads(unheld)
 
     def forget(self, session: str | None) -> None:
         """Delete the session's uploads (called with the session id a State held, or a request's)."""
         with self._lock:
             paths = self._paths.pop(session, []) if session else []
-        forget_uploads(paths)
+            unheld = [p for p in dict.fromkeys(paths) if self._unheld(p)]
+        forget_uploads(unheld)
+
+    def _unheld(self, path: str) -> bool:
+        return not any(path in held for held in self._paths.values())
 
     def sessions(self) -> int:
         with self._lock:
@@ -156,8 +166,7 @@ def build_demo(service: ChatService) -> gr.Blocks:
         for reply in service.answer(text, image_path, history, adapter_name, temperature=temperature,
                                     top_p=top_p, max_new_tokens=int(max_new_tokens)):
             if reply.image_rejected:  # not an image: delete it now and do not show it
-                forget_uploads([image_path])
-                session_uploads.discard(session, image_path)
+                session_uploads.drop(session, image_path)
                 messages = [m for m in messages if _file_path(m.get("content")) != image_path]
             yield messages + [{"role": "assistant", "content": reply.render()}], cleared, session
 
