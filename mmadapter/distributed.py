@@ -42,6 +42,11 @@ class Distributed:
         """True on every process when it is True on one (stop requests, failed writes)."""
         return bool(self.all_reduce(torch.tensor([float(flag)])).item() > 0)
 
+    def barrier(self) -> None:
+        """Wait until every process has finished its collectives (before the group is taken down)."""
+        if self.world > 1:
+            dist.barrier()
+
     def broadcast(self, tensor: Tensor) -> None:
         """Overwrite `tensor` in place with rank 0's values."""
         if self.world > 1:

@@ -293,7 +293,9 @@ class Trainer:
 
     def run(self, train_source: Any, eval_source: Any = None) -> TrainResult:
         try:
-            return self._run(train_source, eval_source)
+            result = self._run(train_source, eval_source)
+            self.dist.barrier()  # no process tears the group down under another's last collective
+            return result
         finally:
             self.dist.close()
 
