@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..adapter_file import AdapterFileError
-from .registry import ADAPTER_FILE, DEMO_TAG, TOWER_FILE, TOWER_NAME, WEIGHTS_DIR, register_tower_config
+from .registry import ADAPTER_FILE, DEMO_TAG, TOWER_FILE, TOWER_NAME, register_tower_config
 
 if TYPE_CHECKING:
     from ..adapter_set import AdapterSet

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_save, atomic_write_text
-from . import ADAPTER_FILE, TOWER_FILE, TOWER_NAME
-from .tower import DEMO_TAG, TowerTraining, train_tower
+from .registry import ADAPTER_FILE, DEMO_TAG, TOWER_FILE, TOWER_NAME
+from .tower import TowerTraining, train_tower
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import shapes
-from .registry import DEMO_TAG, TOWER_NAME, register_tower_config  # noqa: F401 (DEMO_TAG for build.py)
+from .registry import TOWER_NAME, register_tower_config
 
 @dataclass
 class TowerTraining:
