@@ -84,3 +84,20 @@ def test_missing_or_corrupt_shipped_files_are_named(tmp_path):
         f.truncate(bad_adapter.stat().st_size - 100)
     with pytest.raises(DemoFileError, match=f"{bad_adapter}.*cannot be loaded"):
         load_demo(adapter=bad_adapter)
+
+
+def test_the_tower_loss_is_open_clips_clip_loss_plus_hard_negative_captions():
+    import open_clip
+    import torch
+
+    from mmadapter.demo.tower import contrastive_loss
+
+    torch.manual_seed(0)
+    normed = lambda n: torch.nn.functional.normalize(torch.randn(n, 16), dim=-1)  # noqa: E731
+    images, texts, scale = normed(8), normed(8), torch.tensor(20.0)
+    assert torch.allclose(contrastive_loss(images, texts, scale), open_clip.ClipLoss()(images, texts, scale))
+    negatives = normed(24)  # three per image
+    with_negatives = contrastive_loss(images, torch.cat([texts, negatives]), scale)
+    assert with_negatives > contrastive_loss(images, texts, scale)  # more texts to tell apart on the image side
+    aligned = contrastive_loss(images, torch.cat([images, negatives]), torch.tensor(100.0))
+    assert aligned < 0.01  # each image's own caption wins against every in-batch and hard-negative text

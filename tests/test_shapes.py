@@ -102,3 +102,31 @@ def test_answers_compare_after_lower_casing_and_stripping_punctuation():
     assert shapes.normalise_answer(" Red.") == "red"
     assert shapes.normalise_answer("A red circle, a blue square.") == shapes.normalise_answer(
         "a red circle a blue square")
+
+
+def test_hard_negatives_change_one_binding_and_keep_the_rules():
+    """A hard negative keeps the scene's objects, colours and shapes as a multiset of words but changes which goes
+    with which (or where): its CLIP caption differs while using the same vocabulary."""
+    rng = np.random.default_rng(0)
+    changed = Counter()
+    for index in range(300):
+        scene = shapes.make_scene("val", index)
+        negative = shapes.hard_negative(scene, rng)
+        assert len(negative.objects) == len(scene.objects)
+        assert sorted(o.color for o in negative.objects) == sorted(o.color for o in scene.objects)
+        pairs = {(a.color, a.shape, a.x, a.y) for a in scene.objects}
+        moved = {(b.color, b.shape, b.x, b.y) for b in negative.objects} - pairs
+        assert moved, "a hard negative must differ from its scene"
+        for a in negative.objects:
+            assert a.r <= a.x <= 1 - a.r and a.r <= a.y <= 1 - a.r  # still inside the image
+            for b in negative.objects:
+                if a is not b:
+                    assert np.hypot(a.x - b.x, a.y - b.y) > a.r + b.r  # still apart
+        shape_changed = sorted(o.shape for o in negative.objects) != sorted(o.shape for o in scene.objects)
+        same_places = sorted((o.x, o.y) for o in negative.objects) == sorted((o.x, o.y) for o in scene.objects)
+        changed["shape" if shape_changed else "colours" if same_places else "mirror"] += 1
+        changed["caption differs"] += shapes.clip_caption(negative) != shapes.clip_caption(scene)
+    assert min(changed["shape"], changed["colours"], changed["mirror"]) > 50, changed
+    # the scene always changes; its coarse caption does not when a mirror keeps every object in the same third
+    # (one object near the middle): about 1 in 11, a negative that costs nothing but is no harder
+    assert changed["caption differs"] >= 0.85 * 300, changed

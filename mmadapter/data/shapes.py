@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import io
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -94,6 +94,25 @@ def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scen
                 break
         if len(placed) == n:
             return Scene(tuple(placed))
+
+
+def hard_negative(scene: Scene, rng: np.random.Generator) -> Scene:
+    """The same scene with one binding changed: an object's shape, two objects' colours swapped, or every
+    object mirrored left-right or top-bottom. Its caption shares the scene's words, so telling the two
+    apart needs to know which colour goes with which shape and where (hard negatives for the CLIP tower)."""
+    objects = list(scene.objects)
+    change = int(rng.integers(3)) if len(objects) >= 2 else int(rng.choice([0, 2]))
+    if change == 0:
+        i = int(rng.integers(len(objects)))
+        objects[i] = replace(objects[i], shape=str(rng.choice([s for s in SHAPES if s != objects[i].shape])))
+    elif change == 1:
+        i, j = (int(k) for k in rng.choice(len(objects), 2, replace=False))
+        objects[i], objects[j] = replace(objects[i], color=objects[j].color), replace(objects[j], color=objects[i].color)
+    elif rng.random() < 0.5:
+        objects = [replace(o, x=1 - o.x) for o in objects]  # mirrored: still inside the image, still apart
+    else:
+        objects = [replace(o, y=1 - o.y) for o in objects]
+    return Scene(tuple(objects))
 
 
 def render(scene: Scene, size: int = 128, *, background: tuple[int, int, int] | None = None,

@@ -32,9 +32,9 @@ class Budget:
     """How much of everything; the defaults fit the 60-minute target on a 2-core CPU."""
 
     tower: TowerTraining
-    train_scenes: int = 1100
-    chat_repeats: int = 3
-    adapter_layers: int = 8
+    train_scenes: int = 2400
+    chat_repeats: int = 16
+    adapter_layers: int = 16
     adapter_prompts: int = 10
     batch_size: int = 16
     lr: float = 5e-3
@@ -43,7 +43,7 @@ class Budget:
     ablation_per_kind: int = 100
 
 
-FULL = Budget(tower=TowerTraining(steps=250, batch_size=128, lr=1e-3, warmup_steps=20))
+FULL = Budget(tower=TowerTraining(steps=450, batch_size=128, lr=1e-3, warmup_steps=20))
 QUICK = Budget(tower=TowerTraining(steps=20, batch_size=64, lr=1e-3, warmup_steps=5), train_scenes=60,
                chat_repeats=1, eval_per_kind=10, ablation_per_kind=10)
 
@@ -111,8 +111,9 @@ def _save_with_recipe(model: Any, path: Path, report: dict[str, Any]) -> None:
 
     recipe = {
         "made_by": "python -m mmadapter.demo.build (make demo-weights)",
-        "tower": f"{TOWER_NAME} trained from scratch with open_clip's ClipLoss on generated shapes-world "
-                 "image-caption pairs (colour, shape and coarse position of every object)",
+        "tower": f"{TOWER_NAME} trained from scratch with open_clip's ClipLoss, extended by hard-negative captions "
+                 "(one binding changed), on generated shapes-world image-caption pairs (colour, shape and coarse "
+                 "position of every object)",
         "image_data": "generated shapes-world scenes (mmadapter.data.shapes, train split), one question per type",
         "text_data": "self-distillation: the frozen base's own greedy answers to mmadapter/demo/chat_prompts.txt; "
                      "no external instruction data",

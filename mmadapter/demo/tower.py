@@ -3,8 +3,10 @@
 The architecture is a registered open_clip model config (`ShapesCLIP-64.json` beside this file: a
 64 px ViT with 8 px patches and a small text tower over open_clip's bundled tokenizer). Each image is
 paired with a caption that states every object's colour, shape and coarse position
-("red circle top left, blue square middle center"), so the contrastive task can only be solved by an
-image embedding that knows all of them. The weights are saved as a full open_clip state dict
+("red circle top left, blue square middle center"), and with hard negatives: for each image, captions of
+the same scene with one binding changed (a shape, two colours swapped, mirrored positions), so the
+contrastive task can only be solved by an image embedding that knows which colour goes with which
+shape and where, not just which words occur. The weights are saved as a full open_clip state dict
 (safetensors, fp16) and load through `VisionConfig(model=TOWER_NAME, pretrained=<file>)`, exactly
 like a user's own CLIP checkpoint.
 """
@@ -31,7 +33,23 @@ class TowerTraining:
     lr: float = 2e-3
     warmup_steps: int = 20
     weight_decay: float = 0.1
+    hard_negatives: int = 3  # extra captions per image, each with one binding changed
     seed: int = 0
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+                     ) -> torch.Tensor:
+    """open_clip's ClipLoss with hard-negative captions as extra texts on the image->text side (NegCLIP).
+
+    image_features [B, E] and text_features [B + B*N, E] are normalised; the first B texts are the images'
+    own captions. With N = 0 this is exactly open_clip.ClipLoss (tested).
+    """
+    n = image_features.shape[0]
+    logits = logit_scale * image_features @ text_features.T  # [B, B + B*N]
+    labels = torch.arange(n, device=logits.device)
+    image_to_text = torch.nn.functional.cross_entropy(logits, labels)
+    text_to_image = torch.nn.functional.cross_entropy(logits[:, :n].T, labels)
+    return (image_to_text + text_to_image) / 2
 
 
 def train_tower(out_file: Path, config: TowerTraining, progress: bool = True) -> dict[str, Any]:
@@ -43,7 +61,6 @@ def train_tower(out_file: Path, config: TowerTraining, progress: bool = True) ->
     torch.manual_seed(config.seed)
     model, _, preprocess = open_clip.create_model_and_transforms(TOWER_NAME, pretrained=None)
     tokenizer = open_clip.get_tokenizer(TOWER_NAME)
-    loss_fn = open_clip.ClipLoss()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -59,9 +76,11 @@ def train_tower(out_file: Path, config: TowerTraining, progress: bool = True) ->
             group["lr"] = lr
         scenes = [shapes.sample_scene(rng) for _ in range(config.batch_size)]
         images = torch.stack([preprocess(_training_view(s, rng)) for s in scenes])  # [B, 3, 64, 64]
-        texts = tokenizer([shapes.clip_caption(s) for s in scenes])  # [B, context_length]
-        image_features, text_features, logit_scale = model(images, texts)
-        loss = loss_fn(image_features, text_features, logit_scale)
+        negatives = [shapes.hard_negative(s, rng) for s in scenes for _ in range(config.hard_negatives)]
+        texts = tokenizer([shapes.clip_caption(s) for s in scenes + negatives])  # [B * (1 + N), context_length]
+        image_features = model.encode_image(images, normalize=True)  # [B, E]
+        text_features = model.encode_text(texts, normalize=True)  # [B * (1 + N), E]
+        loss = contrastive_loss(image_features, text_features, model.logit_scale.exp())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -76,6 +95,7 @@ def train_tower(out_file: Path, config: TowerTraining, progress: bool = True) ->
     save_file(state, str(tmp), metadata={"format": "open_clip", "model": TOWER_NAME})
     tmp.replace(out_file)
     return {"steps": config.steps, "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed,
+            "hard_negatives": config.hard_negatives,
             "images_seen": config.steps * config.batch_size, "final_loss": float(np.mean(losses[-10:])),
             "seconds": round(time.time() - start, 1), "losses": losses}
 
