@@ -74,6 +74,7 @@ def run_users(url: str, users: int, turns: int, max_new_tokens: int, picture: Pa
 
     lock = threading.Lock()
     latencies, tokens, outcomes = [], [], {"answered": 0, "refused": 0, "errors": 0}
+    failures: list[str] = []  # what a failed request said, printed with the table
 
     def user(index: int) -> None:
         client = gradio_client.Client(url, verbose=False, download_files=False)
@@ -86,13 +87,19 @@ def run_users(url: str, users: int, turns: int, max_new_tokens: int, picture: Pa
                 history, _ = client.predict(message, history, "vision", 0.0, 0.9, max_new_tokens, api_name="/chat")
             except Exception as e:  # noqa: BLE001 - every outcome is counted
                 with lock:
-                    outcomes["refused" if "queue is full" in str(e).lower() else "errors"] += 1
+                    refused = "queue is full" in str(e).lower()
+                    outcomes["refused" if refused else "errors"] += 1
+                    if not refused:
+                        failures.append(f"{type(e).__name__}: {e}"[:300])
                 return
             text = history[-1]["content"][0]["text"]
             with lock:
                 latencies.append(time.monotonic() - start)
                 tokens.append(count_tokens(text))
-                outcomes["answered" if text.strip() and not text.startswith("⚠️") else "errors"] += 1
+                answered = bool(text.strip()) and not text.startswith("⚠️")
+                outcomes["answered" if answered else "errors"] += 1
+                if not answered:
+                    failures.append(text[:300])
 
     threads = [threading.Thread(target=user, args=(i,)) for i in range(users)]
     started = time.monotonic()
@@ -102,7 +109,8 @@ def run_users(url: str, users: int, turns: int, max_new_tokens: int, picture: Pa
         t.join()
     elapsed = time.monotonic() - started
     p95 = statistics.quantiles(latencies, n=20)[-1] if len(latencies) > 1 else latencies[0]
-    return {**outcomes, "p50": statistics.median(latencies), "p95": p95, "tokens_per_s": sum(tokens) / elapsed}
+    return {**outcomes, "p50": statistics.median(latencies), "p95": p95, "tokens_per_s": sum(tokens) / elapsed,
+            "failures": failures}
 
 
 def run(users: int = 8, turns: int = 3, max_new_tokens: int = 48) -> str:
@@ -133,6 +141,8 @@ def run(users: int = 8, turns: int = 3, max_new_tokens: int = 48) -> str:
                 server.terminate()
                 server.wait()
             figures[label] = many
+            for failure in many["failures"]:
+                print(f"{label}: a request failed: {failure!r}")
             rows.append([label, f"{many['answered']}/{many['refused']}/{many['errors']}", round(many["p50"], 2),
                          round(many["p95"], 2), round(one["tokens_per_s"], 1), round(many["tokens_per_s"], 1),
                          f"{many['tokens_per_s'] / one['tokens_per_s']:.2f}x", round(baseline), f"+{peak - baseline:.0f}"])
