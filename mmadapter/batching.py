@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .generate import Sampling, decode_one_token, prefill, sample, text_pieces
-from .llama import AdapterKV, KVCache
+from .llama import AdapterKV, DecodeStep, KVCache
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -81,6 +81,7 @@ class BatchEngine:
         self._key_mask: Tensor | None = None  # [R, S]: True where a row's slot holds one of its tokens
         self._cursor = 0  # the slot the next decoding step writes
         self._batch_kv: AdapterKV | None = None
+        self._decode_step: DecodeStep | None = None  # rebuilt with the batch's K/V: it captures the base's layers
         self._kv_stale = True
         self.peak_rows = 0  # most requests decoded together so far (for tests and benchmarks)
         self.steps = 0
@@ -227,6 +228,7 @@ class BatchEngine:
         with torch.inference_mode():
             if self._kv_stale:
                 self._batch_kv, self._kv_stale = self._build_batch_kv(), False
+                self._decode_step = DecodeStep(self.base)
             rows = self._storage.shape[2]  # every cache row takes part; free ones decode padding
             device = self._storage.device
             tokens = torch.zeros(rows, dtype=torch.long, device=device)
@@ -234,7 +236,7 @@ class BatchEngine:
                 tokens[request.row] = request.next_token
                 self._key_mask[request.row, self._cursor] = True
             logits = decode_one_token(self.base, tokens, self._cursor, self._caches, self._key_mask,
-                                      self._batch_kv)  # [R, V]
+                                      self._batch_kv, self._decode_step)  # [R, V]
         self._cursor += 1
         self.steps += 1
         for request in self._active():

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .llama import AdapterKV, KVCache, Llama
+from .llama import AdapterKV, DecodeStep, KVCache, Llama
 from .tokenizer import Tokenizer
 
 
@@ -93,11 +93,12 @@ def prefill(base: Llama, tokens: Tensor, cache: list[KVCache], key_mask: Tensor 
 
 
 def decode_one_token(base: Llama, token: Tensor, pos: int, cache: list[KVCache], key_mask: Tensor | None,
-                     adapter: AdapterKV | None) -> Tensor:
-    """One step: the tokens [B] at cache slot `pos` in, logits [B, V] of the next token out."""
-    input_pos = torch.tensor([pos], device=token.device)
-    h = base(token[:, None], input_pos=input_pos, cache=cache, key_mask=key_mask, adapter=adapter)  # [B, 1, C]
-    return base.head(h[:, -1])
+                     adapter: AdapterKV | None, step: DecodeStep | None = None) -> Tensor:
+    """One step: the tokens [B] at cache slot `pos` in, logits [B, V] of the next token out.
+
+    Runs the lean `DecodeStep` (pass one built for the request to skip preparing it per token); the general
+    `Llama.forward` over one token is the reference it equals token for token."""
+    return (step or DecodeStep(base))(token, pos, cache, key_mask, adapter)
 
 
 def decode_n_tokens(base: Llama, logits: Tensor, pos: int, n: int, cache: list[KVCache], key_mask: Tensor | None,
@@ -113,6 +114,7 @@ def decode_n_tokens(base: Llama, logits: Tensor, pos: int, n: int, cache: list[K
     with torch.inference_mode():
         eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=device)
         done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
+    decode_step = DecodeStep(base)
     for step in range(n):
         with torch.inference_mode():
             token = torch.where(done, eos[0], sample(logits, s, generator))
@@ -121,7 +123,7 @@ def decode_n_tokens(base: Llama, logits: Tensor, pos: int, n: int, cache: list[K
         if bool(done.all()) or step == n - 1:
             return
         with torch.inference_mode():
-            logits = decode_one_token(base, token, pos + step, cache, key_mask, adapter)
+            logits = decode_one_token(base, token, pos + step, cache, key_mask, adapter, decode_step)
 
 
 def decode_tokens(base: Llama, prompts: Sequence[Sequence[int]], adapter: AdapterKV | None, s: Sampling,

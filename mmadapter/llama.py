@@ -58,6 +58,31 @@ class Linear(nn.Linear):
         return self.weight
 
 
+def fused_weight(owner: nn.Module, names: tuple[str, ...]) -> Tensor | None:
+    """The weights of `owner`'s plain `Linear`s `names` as one [Σ out, in] tensor, so one product replaces
+    several; None when any of them is another module (quantised, tuned) or trainable: those stay separate.
+
+    Concatenated on first use; the Linears' weights then become views into it, so resident memory does not
+    grow and loading, training and state dicts see the same parameters. Whatever replaces a weight (loading
+    with assign, `.to()`, swapping the module) is noticed here, and the weights are fused again.
+    """
+    linears = [getattr(owner, n) for n in names]
+    weights = [m.weight for m in linears if type(m) is Linear and not m.weight.requires_grad]
+    if len(weights) < len(names) or len({(w.dtype, w.device) for w in weights}) != 1:
+        return None
+    starts = [sum(w.shape[0] for w in weights[:i]) for i in range(len(weights))]
+    fused = owner.__dict__.setdefault("_fused_weights", {}).get(names)
+    if fused is not None and fused.dtype == weights[0].dtype and all(  # still the views made below?
+            w.data_ptr() == fused.data_ptr() + s * fused.stride(0) * fused.element_size() for w, s in zip(weights, starts)):
+        return fused
+    with torch.inference_mode(False), torch.no_grad():  # normal tensors: training may use them later
+        fused = torch.cat(weights)  # [Σ out, in]
+        for m, w, s in zip(linears, weights, starts):
+            m.weight = nn.Parameter(fused[s:s + w.shape[0]], requires_grad=False)
+    owner._fused_weights[names] = fused
+    return fused
+
+
 class Embedding(nn.Embedding):
     """The token embedding; with tied weights also the LM head (`project`). quant.Int8Embedding is its drop-in."""
 
@@ -90,6 +115,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one op, the same math as below
         # Normalise in fp32 whatever the activation dtype (as the reference and transformers do).
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -374,3 +401,99 @@ class Llama(nn.Module):
         # A padding query sees no real key; let it see itself so its softmax stays finite (no NaN leaks).
         mask = mask | (keys[None, :] == input_pos[:, None])[None]
         return positions, mask[:, None]
+
+
+class DecodeStep:
+    """The one-token decoding step, lean: `Llama.forward` dispatches ~50 ops per layer for one token (each a
+    fixed few µs on a CPU), this ~35: fused q/k/v and gate/up products (`fused_weight`) whose one-row split
+    over the threads is prepared once, RoPE as one multiply-add over q and k (1/√d folded into q's table),
+    the new k/v written straight into the cache, the prompt term in one place. The rest is prepared per
+    request, so a token costs one Python loop over the layers. The math is `Llama.forward`'s.
+
+    Build one per request (or batch composition): it captures the layers' projections as they are then."""
+
+    def __init__(self, base: Llama) -> None:
+        c = base.config
+        self.base, self.shape = base, (c.n_heads, c.n_kv_heads, c.head_dim)
+        self.layers = [(b.attention_norm, _product(b.attention, ("wq", "wk", "wv")), _product(b.attention, ("wo",)),
+                        b.ffn_norm, _product(b.feed_forward, ("w1", "w3")), _product(b.feed_forward, ("w2",)))
+                       for b in base.layers]
+        tied = base.output is None and type(base.tok_embeddings) is Embedding
+        self.head = _product(base, ("tok_embeddings",)) if tied else base.head
+        h, g, d = self.shape
+        scale = torch.cat((torch.full((h, 1), d**-0.5), torch.ones(g, 1))).to(base.device)  # [H+G, 1]
+        sign = torch.cat((-torch.ones(d // 2), torch.ones(d // 2))).to(base.device)  # rotate_half as a roll
+        self.cos_scale, self.sin_scale = scale, scale * sign  # [H+G, 1], [H+G, d]
+        self._adapter: AdapterKV | None = None
+        self._prompts: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * c.n_layers
+
+    def prompts(self, adapter: AdapterKV | None, dtype: torch.dtype) -> list[tuple[Tensor, Tensor, Tensor] | None]:
+        """Per layer (prompt keys ᵀ [Bp, G, d, K], values [Bp, G, K, d], gate [1 or B, G, H/G, 1]) or None."""
+        if adapter is not self._adapter:
+            h, g, d = self.shape
+            self._adapter, self._prompts = adapter, [None] * len(self.layers)
+            for i in range(adapter.first_layer if adapter else len(self.layers), len(self.layers)):
+                pk, pv, gate = adapter.for_layer(i)  # type: ignore[union-attr,misc]
+                self._prompts[i] = (pk.transpose(-1, -2), pv, gate.to(dtype).reshape(-1, g, h // g, 1))
+        return self._prompts
+
+    def __call__(self, token: Tensor, pos: int, cache: list[KVCache], key_mask: Tensor | None,
+                 adapter: AdapterKV | None) -> Tensor:
+        """The tokens [B] at cache slot `pos` in, logits [B, V] of the next token out."""
+        h_, g, d = self.shape
+        end, slot = pos + 1, torch.tensor([pos], device=token.device)
+        x = self.base.tok_embeddings(token)  # [B, C]
+        b, dtype = x.shape[0], x.dtype
+        cos, sin = self.base.rope(end)
+        hidden = None
+        if key_mask is None:
+            cos, sin = cos[pos:end], sin[pos:end]  # [1, d]
+        else:
+            positions = key_mask[:, :pos].sum(-1)  # [B]: real tokens before this one (padding not counted)
+            cos, sin = cos[positions], sin[positions]  # [B, d]
+            hidden = ~key_mask[:, None, None, :end]  # [B, 1, 1, end]: padding slots
+            hidden[..., pos] = False  # a padding row sees itself (finite softmax), as in `Llama.forward`
+        cos = (cos[:, None] * self.cos_scale).to(dtype)  # [B or 1, H+G, d]: q's rows also carry 1/√d
+        sin = (sin[:, None] * self.sin_scale).to(dtype)
+        cast = dtype != torch.float32  # softmax runs in fp32
+        for (norm1, qkv, wo, norm2, w13, w2), layer_cache, prompt in zip(self.layers, cache,
+                                                                          self.prompts(adapter, dtype)):
+            qk, v = qkv(norm1(x)).view(b, h_ + 2 * g, d).split((h_ + g, g), 1)  # [B, H+G, d], [B, G, d]
+            qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)  # RoPE of q (with 1/√d) and k
+            q = qk[:, :h_].view(b, g, h_ // g, d)  # the query heads sharing each kv head
+            layer_cache.k.index_copy_(2, slot, qk[:, h_:, None])  # [B, G, 1, d] into slot pos
+            layer_cache.v.index_copy_(2, slot, v[:, :, None])
+            scores = q @ layer_cache.k[:, :, :end].transpose(-1, -2)  # [B, G, H/G, end]
+            if hidden is not None:
+                scores.masked_fill_(hidden, float("-inf"))
+            probs = scores.softmax(-1, dtype=torch.float32)
+            y = (probs.to(dtype) if cast else probs) @ layer_cache.v[:, :, :end]  # [B, G, H/G, d]
+            if prompt is not None:  # + tanh(g) · softmax(q K_pᵀ/√d) V_p: its own softmax, no RoPE
+                pk_t, pv, gate = prompt
+                probs = (q @ pk_t).softmax(-1, dtype=torch.float32)  # [B, G, H/G, K]
+                y.addcmul_(gate, (probs.to(dtype) if cast else probs) @ pv)
+            x = x + wo(y.view(b, h_ * d))
+            gate_up = w13(norm2(x))  # [B, 2F]
+            x = x + w2(F.silu(gate_up[:, : gate_up.shape[1] // 2]).mul_(gate_up[:, gate_up.shape[1] // 2:]))
+        return self.head(self.base.norm(x))
+
+
+def _product(owner: nn.Module, names: tuple[str, ...]) -> Callable[[Tensor], Tensor]:
+    """x [B, in] -> x Wᵀ [B, Σ out] for owner's projections `names`: one product over their (fused) weight, a
+    single fp32 row split over the threads as in `matvec_or_matmul` with the split weight prepared here;
+    quantised or tuned projections are called one by one."""
+    single = getattr(owner, names[0])
+    plain = len(names) == 1 and type(single) in (Linear, Embedding) and not single.weight.requires_grad
+    weight = single.weight if plain else fused_weight(owner, names) if len(names) > 1 else None
+    if weight is None:
+        modules = [getattr(owner, n) for n in names]
+        return modules[0] if len(modules) == 1 else lambda x: torch.cat([m(x) for m in modules], dim=-1)
+    parts, (out, inp) = torch.get_num_threads(), weight.shape
+    if parts < 2 or out % parts or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return lambda x: F.linear(x, weight)
+    split = weight.view(parts, out // parts, inp).transpose(1, 2)  # [P, in, out/P], a view
+
+    def product(x: Tensor) -> Tensor:
+        return torch.bmm(x.expand(parts, 1, inp), split).view(1, out) if x.shape[0] == 1 else F.linear(x, weight)
+
+    return product
