@@ -408,13 +408,12 @@ class DecodeStep:
     fixed few µs on a CPU), this ~35: fused q/k/v and gate/up products (`fused_weight`) whose one-row split
     over the threads is prepared once, RoPE as one multiply-add over q and k (1/√d folded into q's table),
     the new k/v written straight into the cache, the prompt term in one place. The rest is prepared per
-    request, so a token costs one Python loop over the layers. The math is `Llama.forward`'s.
-
-    Build one per request (or batch composition): it captures the layers' projections as they are then."""
+    request, so a token costs one Python loop over the layers. The math is `Llama.forward`'s. Build one per
+    request (or batch composition): it captures the layers' projections as they are then."""
 
     def __init__(self, base: Llama) -> None:
-        c = base.config
-        self.base, self.shape = base, (c.n_heads, c.n_kv_heads, c.head_dim)
+        c, self.base = base.config, base
+        self.shape = (c.n_heads, c.n_kv_heads, c.head_dim)
         self.layers = [(b.attention_norm, _product(b.attention, ("wq", "wk", "wv")), _product(b.attention, ("wo",)),
                         b.ffn_norm, _product(b.feed_forward, ("w1", "w3")), _product(b.feed_forward, ("w2",)))
                        for b in base.layers]
@@ -424,8 +423,7 @@ class DecodeStep:
         scale = torch.cat((torch.full((h, 1), d**-0.5), torch.ones(g, 1))).to(base.device)  # [H+G, 1]
         sign = torch.cat((-torch.ones(d // 2), torch.ones(d // 2))).to(base.device)  # rotate_half as a roll
         self.cos_scale, self.sin_scale = scale, scale * sign  # [H+G, 1], [H+G, d]
-        self._adapter: AdapterKV | None = None
-        self._prompts: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * c.n_layers
+        self._adapter, self._prompts = None, [None] * c.n_layers  # type: ignore[var-annotated]
 
     def prompts(self, adapter: AdapterKV | None, dtype: torch.dtype) -> list[tuple[Tensor, Tensor, Tensor] | None]:
         """Per layer (prompt keys ᵀ [Bp, G, d, K], values [Bp, G, K, d], gate [1 or B, G, H/G, 1]) or None."""
@@ -440,12 +438,15 @@ class DecodeStep:
     def __call__(self, token: Tensor, pos: int, cache: list[KVCache], key_mask: Tensor | None,
                  adapter: AdapterKV | None) -> Tensor:
         """The tokens [B] at cache slot `pos` in, logits [B, V] of the next token out."""
-        h_, g, d = self.shape
-        end, slot = pos + 1, torch.tensor([pos], device=token.device)
-        x = self.base.tok_embeddings(token)  # [B, C]
+        prompts = self.prompts(adapter, self.base.norm.weight.dtype)  # the activations' dtype
+        return self.run(token, pos, torch.tensor([pos], device=token.device), cache, key_mask, prompts)
+
+    def run(self, token: Tensor, pos: int, slot: Tensor, cache: list[KVCache], key_mask: Tensor | None,
+            prompts: list[tuple[Tensor, Tensor, Tensor] | None]) -> Tensor:
+        """The step itself, free of per-request state (what `torch.compile` may trace); slot: [pos]."""
+        (h_, g, d), end, x = self.shape, pos + 1, self.base.tok_embeddings(token)  # x [B, C]
         b, dtype = x.shape[0], x.dtype
-        cos, sin = self.base.rope(end)
-        hidden = None
+        (cos, sin), hidden = self.base.rope(end), None
         if key_mask is None:
             cos, sin = cos[pos:end], sin[pos:end]  # [1, d]
         else:
@@ -456,8 +457,7 @@ class DecodeStep:
         cos = (cos[:, None] * self.cos_scale).to(dtype)  # [B or 1, H+G, d]: q's rows also carry 1/√d
         sin = (sin[:, None] * self.sin_scale).to(dtype)
         cast = dtype != torch.float32  # softmax runs in fp32
-        for (norm1, qkv, wo, norm2, w13, w2), layer_cache, prompt in zip(self.layers, cache,
-                                                                          self.prompts(adapter, dtype)):
+        for (norm1, qkv, wo, norm2, w13, w2), layer_cache, prompt in zip(self.layers, cache, prompts):
             qk, v = qkv(norm1(x)).view(b, h_ + 2 * g, d).split((h_ + g, g), 1)  # [B, H+G, d], [B, G, d]
             qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)  # RoPE of q (with 1/√d) and k
             q = qk[:, :h_].view(b, g, h_ // g, d)  # the query heads sharing each kv head
