@@ -89,7 +89,19 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "cpu_flags": cpu_flags()}
+
+
+def cpu_flags() -> str:
+    """The CPU features that decide which kernels are fast (absolute speeds differ between machines with and
+    without AVX-512 / bf16 / AMX, so every report says which it ran on)."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    have = set(flags.split(":", 1)[1].split())
+    return " ".join(f for f in wanted if f in have) or "none of " + " ".join(wanted)
 
 
 def peak_rss_mib() -> float:

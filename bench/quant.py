@@ -34,7 +34,9 @@ def llama_cpp_tokens_per_s(runs: int) -> tuple[float | None, str]:
     try:
         from llama_cpp import Llama
     except ImportError:
-        return None, "llama-cpp-python is not installed (pip install -e '.[bench]' builds it, ~12+ min)"
+        note = "skipped: llama-cpp-python not installed (pip install .[bench]; it builds from source, ~12+ min)"
+        print(f"llama.cpp anchor {note}", flush=True)
+        return None, note
     from mmadapter.weights import embedded_path
 
     llm = Llama(model_path=str(embedded_path(BASE)), n_ctx=256, n_threads=torch.get_num_threads(),

@@ -9,7 +9,7 @@ the same prompt alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -102,7 +102,8 @@ def decode_one_token(base: Llama, token: Tensor, pos: int, cache: list[KVCache],
 
 
 def decode_n_tokens(base: Llama, logits: Tensor, pos: int, n: int, cache: list[KVCache], key_mask: Tensor | None,
-                    adapter: AdapterKV | None, s: Sampling, eos_ids: Sequence[int]) -> Iterator[Tensor]:
+                    adapter: AdapterKV | None, s: Sampling, eos_ids: Sequence[int],
+                    step: Callable[..., Tensor] | None = None) -> Iterator[Tensor]:
     """Sample up to n tokens [B] from `logits` [B, V] onwards, the first written at cache slot `pos`.
 
     Stops when every sequence has ended; a finished sequence keeps yielding its eos. Inference mode is
@@ -114,7 +115,7 @@ def decode_n_tokens(base: Llama, logits: Tensor, pos: int, n: int, cache: list[K
     with torch.inference_mode():
         eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=device)
         done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
-    decode_step = DecodeStep(base)
+    decode_step = step or DecodeStep(base)  # or a compiled one (compiled_step.py), same signature
     for step in range(n):
         with torch.inference_mode():
             token = torch.where(done, eos[0], sample(logits, s, generator))
@@ -127,14 +128,15 @@ def decode_n_tokens(base: Llama, logits: Tensor, pos: int, n: int, cache: list[K
 
 
 def decode_tokens(base: Llama, prompts: Sequence[Sequence[int]], adapter: AdapterKV | None, s: Sampling,
-                  eos_ids: Sequence[int]) -> Iterator[Tensor]:
+                  eos_ids: Sequence[int], step: Callable[..., Tensor] | None = None) -> Iterator[Tensor]:
     """Yield the next token of every sequence [B] per step: pad, prefill, then decode n tokens."""
     total = check_length(base, max(len(p) for p in prompts), s.max_new_tokens)
     with torch.inference_mode():
         tokens, key_mask = left_pad(prompts, total, base.device)
         cache = base.layer_caches(base.new_cache(len(prompts), total))
         logits = prefill(base, tokens, cache, key_mask, adapter)  # [B, V]
-    yield from decode_n_tokens(base, logits, tokens.shape[1], s.max_new_tokens, cache, key_mask, adapter, s, eos_ids)
+    yield from decode_n_tokens(base, logits, tokens.shape[1], s.max_new_tokens, cache, key_mask, adapter, s, eos_ids,
+                               step)
 
 
 class TextStream:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import Adapter
+from .compiled_step import BackgroundCompile
 from .config import AdapterConfig, VisionConfig
 from .feature_cache import FeatureCache
 from .generate import Sampling, TextStream, decode_tokens, text_pieces
@@ -38,6 +39,7 @@ class MMAdapter(nn.Module):
         self.vision: nn.Module | None = None
         self.feature_cache: FeatureCache | None = None
         self.towers: dict[tuple, nn.Module] = {}  # towers built for loaded adapters, by spec (not submodules)
+        self.compiled_decoding: BackgroundCompile | None = None  # see compile_decoding
         if vision is not None:
             self.attach_vision(vision)
 
@@ -315,7 +317,14 @@ class MMAdapter(nn.Module):
         with torch.inference_mode():
             feats, has_image = self.image_features(images, adapter)
             kv = self.adapter_kv(feats, has_image, adapter)  # once per request, reused by every step
-        yield from decode_tokens(self.base, prompts, kv, s, self.tokenizer.eos_ids)
+        step = self.compiled_decoding.step() if self.compiled_decoding is not None else None
+        yield from decode_tokens(self.base, prompts, kv, s, self.tokenizer.eos_ids, step)
+
+    def compile_decoding(self, budget_s: float = 60.0) -> BackgroundCompile:
+        """Decode single prompts with a `torch.compile`d step from the first request on that it is ready (it
+        compiles in the background; until then, and whenever it fails, decoding is eager)."""
+        self.compiled_decoding = BackgroundCompile(self.base, budget_s)
+        return self.compiled_decoding
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:

@@ -4,13 +4,18 @@ are views (no second copy), refused when stale, and left unfused for quantised p
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+
 import pytest
 import torch
 from PIL import Image
 from test_vision import TINY_VIT, register_tiny_models, save_reference
 
 from mmadapter import AdapterConfig, VisionConfig, build_model, load_base
-from mmadapter.generate import left_pad, prefill
+from mmadapter.compiled_step import BackgroundCompile
+from mmadapter.generate import Sampling, decode_tokens, left_pad, prefill
 from mmadapter.llama import DecodeStep, Linear, replace_linears
 from mmadapter.quant import Int8Linear
 
@@ -127,3 +132,69 @@ def test_training_after_decoding_moves_only_the_adapter(multimodal):
     assert trained and all(p.grad is None for p in base.parameters())
     for p in multimodal.adapter.parameters():
         p.grad = None
+
+
+def _wait(condition, seconds=600.0):  # generous: a busy CI machine traces slowly
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert condition()
+
+
+def test_background_compile_switches_to_the_compiled_step_and_keeps_the_tokens(multimodal):
+    """The machinery with dynamo's own "eager" backend (inductor's codegen is measured in bench/, not here):
+    the first request decodes eagerly while the step compiles, later ones run the compiled graph."""
+    base, prompt, s = multimodal.base, PROMPTS[:1], Sampling(max_new_tokens=8)
+    with torch.inference_mode():
+        kv = multimodal.adapter_kv(None, None)
+    reference = torch.stack(list(decode_tokens(base, prompt, kv, s, eos_ids=())), 1)
+    compiler = BackgroundCompile(base, backend="eager")
+    first = torch.stack(list(decode_tokens(base, prompt, kv, s, eos_ids=(), step=compiler.step())), 1)
+    _wait(lambda: compiler.compiled is not None or compiler.failure is not None)
+    assert compiler.failure is None and compiler.seconds is not None
+    calls = []
+    compiled = compiler.compiled
+    compiler.compiled = lambda *a: calls.append(1) or compiled(*a)
+    second = torch.stack(list(decode_tokens(base, prompt, kv, s, eos_ids=(), step=compiler.step())), 1)
+    assert len(calls) == 7 and first.tolist() == second.tolist() == reference.tolist()
+    # a padded batch is not the compiled case: it decodes eagerly, with the same tokens as without compiling
+    batch = list(decode_tokens(base, PROMPTS, kv, s, eos_ids=(), step=compiler.step()))
+    assert len(calls) == 7 and batch == list(decode_tokens(base, PROMPTS, kv, s, eos_ids=()))
+
+
+def test_a_failing_compile_falls_back_to_eager_with_one_warning(multimodal, caplog, monkeypatch):
+    def compile_without_a_c_compiler(fn, **options):
+        def compiled(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C compiler found")  # what inductor raises
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_without_a_c_compiler)
+    base, s = multimodal.base, Sampling(max_new_tokens=6)
+    compiler = BackgroundCompile(base)
+    with caplog.at_level(logging.WARNING, logger="mmadapter.compiled_step"):
+        first = list(decode_tokens(base, PROMPTS[:1], None, s, eos_ids=(), step=compiler.step()))
+        _wait(lambda: compiler.failure is not None)
+        again = list(decode_tokens(base, PROMPTS[:1], None, s, eos_ids=(), step=compiler.step()))
+    assert "No working C compiler" in compiler.failure and compiler.compiled is None
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "stays eager" in warnings[0].getMessage()
+    assert first == again == list(decode_tokens(base, PROMPTS[:1], None, s, eos_ids=()))
+
+
+def test_a_compile_over_its_budget_leaves_decoding_eager(multimodal, monkeypatch):
+    release = threading.Event()
+
+    def slow_compile(fn, **options):
+        release.wait(30)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", slow_compile)
+    base, s = multimodal.base, Sampling(max_new_tokens=4)
+    compiler = BackgroundCompile(base, budget_s=0.0)
+    first = list(decode_tokens(base, PROMPTS[:1], None, s, eos_ids=(), step=compiler.step()))
+    assert "not compiled within 0 s" in compiler.failure
+    release.set()
+    _wait(lambda: not any(t.name == "mmadapter-compile" for t in threading.enumerate()))
+    assert compiler.compiled is None  # finished late: discarded
+    assert first == list(decode_tokens(base, PROMPTS[:1], None, s, eos_ids=()))

@@ -16,7 +16,7 @@ LAYERS = [
                     "demo.registry"]),
     ("pieces", ["llama", "tuning", "visual_query", "tokenizer", "gguf_tensor", "vision", "feature_cache", "prefix_cache", "data.encode",
                 "data.scienceqa"]),
-    ("adapter, loaders, decoding", ["adapter", "quant", "weights", "generate"]),
+    ("adapter, loaders, decoding", ["adapter", "quant", "weights", "generate", "compiled_step"]),
     ("the composed model", ["model", "adapter_file"]),
     ("adapter files in and out", ["interop", "interop_v2", "adapter_set", "checkpoint"]),
     ("workflows", ["train_data", "train_log", "train", "evaluation", "batching", "demo"]),

@@ -21,6 +21,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weights dtype, or int8 / int4 for a weight-only quantised base on CPU "
                         "(default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode single prompts with a torch.compile'd step, compiled in the background (eager until "
+                        "it is ready or if it fails); faster on some CPUs, not all: README, Decoding speed")
 
 
 VISION_SPEC_HELP = ("MODEL[:WEIGHTS]: an open_clip model and its weights, an open_clip tag, a local checkpoint file "
@@ -65,6 +68,8 @@ def load_model(args: argparse.Namespace):
     if args.vision is not None and not args.adapter:
         raise ValueError("--vision names the image tower of a multimodal adapter; pass that adapter with --adapter")
     model = load_base(args.base, dtype=args.dtype, device=args.device)
+    if args.compile:
+        model.compile_decoding()
     if args.adapter:
         model.use_adapter(import_adapter(model, args.adapter, allow_base_mismatch=args.allow_base_mismatch,
                                          vision=args.vision))
