@@ -158,8 +158,8 @@ def test_background_compile_switches_to_the_compiled_step_and_keeps_the_tokens(m
     second = torch.stack(list(decode_tokens(base, prompt, kv, s, eos_ids=(), step=compiler.step())), 1)
     assert len(calls) == 7 and first.tolist() == second.tolist() == reference.tolist()
     # a padded batch is not the compiled case: it decodes eagerly, with the same tokens as without compiling
-    batch = list(decode_tokens(base, PROMPTS, kv, s, eos_ids=(), step=compiler.step()))
-    assert len(calls) == 7 and batch == list(decode_tokens(base, PROMPTS, kv, s, eos_ids=()))
+    batch = torch.stack(list(decode_tokens(base, PROMPTS, kv, s, eos_ids=(), step=compiler.step())), 1)
+    assert len(calls) == 7 and batch.tolist() == torch.stack(list(decode_tokens(base, PROMPTS, kv, s, eos_ids=())), 1).tolist()
 
 
 def test_a_failing_compile_falls_back_to_eager_with_one_warning(multimodal, caplog, monkeypatch):
@@ -179,7 +179,8 @@ def test_a_failing_compile_falls_back_to_eager_with_one_warning(multimodal, capl
     assert "No working C compiler" in compiler.failure and compiler.compiled is None
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "stays eager" in warnings[0].getMessage()
-    assert first == again == list(decode_tokens(base, PROMPTS[:1], None, s, eos_ids=()))
+    assert [int(t) for t in first] == [int(t) for t in again] == [
+        int(t) for t in decode_tokens(base, PROMPTS[:1], None, s, eos_ids=())]
 
 
 def test_a_compile_over_its_budget_leaves_decoding_eager(multimodal, monkeypatch):
@@ -197,4 +198,4 @@ def test_a_compile_over_its_budget_leaves_decoding_eager(multimodal, monkeypatch
     release.set()
     _wait(lambda: not any(t.name == "mmadapter-compile" for t in threading.enumerate()))
     assert compiler.compiled is None  # finished late: discarded
-    assert first == list(decode_tokens(base, PROMPTS[:1], None, s, eos_ids=()))
+    assert [int(t) for t in first] == [int(t) for t in decode_tokens(base, PROMPTS[:1], None, s, eos_ids=())]
