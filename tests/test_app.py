@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import io
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from app_helpers import chromium_driver, free_port, gone
 from test_vision import TINY_VIT, register_tiny_models, save_reference
 
 from mmadapter import AdapterConfig, VisionConfig
@@ -16,12 +16,6 @@ from mmadapter.adapter_file import save_adapter
 from mmadapter.adapter_set import NO_ADAPTER, AdapterSet
 
 gradio_client = pytest.importorskip("gradio_client")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +48,7 @@ def app_url(smollm, adapters_dir):
     from mmadapter.app.ui import build_demo
 
     service = ChatService(smollm, AdapterSet.from_folder(smollm, adapters_dir), max_prompt_tokens=256)
-    demo = build_demo(service)
+    demo = build_demo(service, upload_grace_s=1.0)  # deletions the browser test waits for come quickly
     demo.queue(default_concurrency_limit=2, max_size=16)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     yield url, service
@@ -170,7 +164,7 @@ def test_the_image_belongs_to_the_history_that_carries_it(app_url, tmp_path, mon
     assert seen[-1] is None and fresh == other_client
     assert fresh != with_image  # the open gates make the image matter, so the check above can fail
     client.predict(api_name="/clear")
-    assert not Path(upload).exists()  # clearing deletes the conversation's upload
+    assert gone(upload)  # clearing deletes the conversation's upload (after the grace)
 
 
 def test_server_paths_from_requests_are_refused(app_url, monkeypatch):
@@ -189,23 +183,6 @@ def test_server_paths_from_requests_are_refused(app_url, monkeypatch):
     assert "/etc/passwd" not in seen
 
 
-def _chromium_driver():
-    import shutil
-
-    binary, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
-    if not (binary and driver):
-        pytest.skip("headless browser test skipped: Debian's chromium and chromium-driver are not installed "
-                    "(`make test` installs them where apt-get is available)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1280,900"):
-        options.add_argument(flag)
-    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
-
-
 def test_browser_asks_a_question_and_saves_a_screenshot(app_url, tmp_path):
     """A real browser loads the page, types a question, sees the streamed answer; the screenshot is kept."""
     import os
@@ -216,7 +193,7 @@ def test_browser_asks_a_question_and_saves_a_screenshot(app_url, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, _ = app_url
-    browser = _chromium_driver()
+    browser = chromium_driver()
     try:
         browser.get(url)
         wait = WebDriverWait(browser, 120)
@@ -247,7 +224,7 @@ def test_browser_clearing_by_icon_button_or_reload_forgets_the_image(app_url, tm
     url, service = app_url
     finished = []
     seen = spy_on_images(service, monkeypatch, finished)
-    browser = _chromium_driver()
+    browser = chromium_driver()
     wait = WebDriverWait(browser, 120)
 
     def ask_in_page(question: str, with_image: bool = False) -> str | None:
@@ -271,7 +248,7 @@ def test_browser_clearing_by_icon_button_or_reload_forgets_the_image(app_url, tm
         number.send_keys(Keys.CONTROL, "a")
         number.send_keys("8", Keys.TAB)
 
-    def gone(path: str) -> None:
+    def deleted(path: str) -> None:
         wait.until(lambda b: not Path(path).exists())
 
     try:
@@ -280,19 +257,19 @@ def test_browser_clearing_by_icon_button_or_reload_forgets_the_image(app_url, tm
         first = ask_in_page("What is this?", with_image=True)
         assert first is not None and Path(first).is_file()
         browser.find_element(By.CSS_SELECTOR, "button[aria-label='Clear']").click()  # the chatbot's trash icon
-        gone(first)
+        deleted(first)
         assert ask_in_page("What is this?") is None
 
         second = ask_in_page("What is this?", with_image=True)
         assert second is not None
         browser.find_element(By.XPATH, "//button[normalize-space()='Clear conversation']").click()
-        gone(second)
+        deleted(second)
         assert ask_in_page("What is this?") is None
 
         third = ask_in_page("What is this?", with_image=True)
         assert third is not None
         browser.refresh()
-        gone(third)  # the page's unload ends its session
+        deleted(third)  # the page's unload ends its session
         short_answers()
         assert ask_in_page("What is this?") is None
     finally:

@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import os
-import socket
 import statistics
 import threading
 import time
@@ -25,6 +24,8 @@ import httpx
 import pytest
 from gradio.utils import get_upload_folder
 from PIL import Image
+
+from app_helpers import free_port, gone
 
 from mmadapter.app.ui import IMAGE_GONE, UPLOAD_MAX_AGE_S, UPLOAD_SWEEP_S, forget_uploads
 from mmadapter.adapter_set import NO_ADAPTER, AdapterSet
@@ -43,12 +44,6 @@ QUESTIONS = ["What is the capital of France?", "Name a colour.", "What is 2 + 2?
              "Name an animal.", "What day comes after Monday?", "Name a fruit.", "What is water made of?"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def show(capsys, title: str, lines: list[str]) -> None:
     """Print figures into the test output even when pytest captures it (no -s needed)."""
     with capsys.disabled():
@@ -64,7 +59,7 @@ def app(smollm):
 
     engine = BatchEngine(smollm, max_batch=CONCURRENCY, max_slots=1024)  # requests in flight decode together
     service = ChatService(smollm, AdapterSet(smollm), max_prompt_tokens=256, engine=engine)
-    demo = build_demo(service)
+    demo = build_demo(service, upload_grace_s=0.5)  # released uploads go quickly here
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
                             max_file_size=MAX_FILE_SIZE)
@@ -221,7 +216,8 @@ def test_uploads_are_served_only_at_their_secret_path_and_deleted_with_the_conve
     bob = gradio_client.Client(url, verbose=False, download_files=False)
     assert str(server_path) not in json.dumps(chat(bob, "What colour is this?"))  # another session never sees it
     alice.predict(api_name="/clear")
-    assert not server_path.exists()  # clearing the conversation deletes its uploads
+    assert server_path.is_file()  # not at once: a queued request of someone uploading the same picture may need it
+    assert gone(server_path)  # clearing the conversation deletes its uploads, after the grace
     assert httpx.get(f"{url}gradio_api/file={server_path}", timeout=30).status_code == 403
 
 
@@ -280,16 +276,36 @@ def test_a_lone_surrogate_over_http_gets_an_answer(app):
 
 def test_an_upload_two_sessions_share_is_deleted_only_when_both_are_done():
     """Gradio stores uploads by content: two users uploading the same picture get the same file, and one
-    clearing their chat must not take the other's image away."""
+    clearing their chat must not take the other's image away, not even while the other's request still waits
+    in the queue (it holds the file only once its turn comes)."""
     from mmadapter.app.ui import SessionUploads
 
     shared = Path(get_upload_folder()) / "shared-test-upload" / "red.png"
     shared.parent.mkdir(parents=True, exist_ok=True)
     shared.write_bytes(png_bytes())
-    uploads = SessionUploads()
+    uploads = SessionUploads(grace_s=0.5)
+    uploads.add("alice", [str(shared)])
+    uploads.forget("alice")  # bob uploaded the same picture; his request is queued, not yet registered
+    time.sleep(0.1)
+    assert shared.is_file()
+    uploads.add("bob", [str(shared)])  # his turn comes within the grace
+    time.sleep(1.0)
+    assert shared.is_file()
+    uploads.forget("bob")
+    assert shared.is_file()
+    assert gone(shared)
+
+
+def test_a_rejected_upload_is_deleted_at_once_unless_another_session_holds_it():
+    from mmadapter.app.ui import SessionUploads
+
+    shared = Path(get_upload_folder()) / "shared-test-upload" / "notes.png"
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    shared.write_text("not an image")
+    uploads = SessionUploads(grace_s=60)
     uploads.add("alice", [str(shared)])
     uploads.add("bob", [str(shared)])
-    uploads.forget("alice")
+    uploads.drop("alice", str(shared))
     assert shared.is_file()
     uploads.drop("bob", str(shared))
     assert not shared.exists()

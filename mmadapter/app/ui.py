@@ -7,8 +7,8 @@ emptied (the button, the chatbot's own clear icon, a new API client, a page relo
 Uploads: Gradio serves an uploaded file to anyone who asks for its path (there is no per-session
 check); the path holds a sha256 of a secret seed and the content, so only the uploader learns it.
 What this page adds is a short life: a file that is not an image is deleted at once, a session's
-uploads are deleted when its conversation is cleared (button or icon), when its page is closed or
-reloaded, or after UPLOAD_MAX_AGE_S of inactivity, and Gradio sweeps any upload older than that.
+uploads are deleted UPLOAD_RELEASE_GRACE_S after its conversation is cleared (button or icon), its page is
+closed or reloaded, or after UPLOAD_MAX_AGE_S of inactivity, and Gradio sweeps any upload older than that.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ EXAMPLES_DIR = Path(__file__).parent / "examples"
 TITLE = "mmadapter — visual question answering with LLaMA-Adapter"
 UPLOAD_MAX_AGE_S = 3600  # uploads live at most this long (Gradio's sweep) or this long after the session's last turn
 UPLOAD_SWEEP_S = 600
+# A file a session lets go of is deleted this long after, unless a session holds it again by then: another user's
+# request for the same picture (same content, same path) may already wait in the queue without being registered.
+UPLOAD_RELEASE_GRACE_S = 120.0
 IMAGE_GONE = "(image no longer available)"
 
 
@@ -64,11 +67,13 @@ class SessionUploads:
     ends: cleared, its page closed or reloaded (Gradio's unload event), or its state expired.
 
     Gradio stores uploads by content, so two sessions that upload the same picture hold the same file: a file
-    is deleted only when no other session still holds it."""
+    is deleted only when no other session still holds it, and only `grace_s` after it was let go, because a
+    request that uploaded the same picture may still be waiting in the queue, not yet holding it."""
 
-    def __init__(self) -> None:
+    def __init__(self, grace_s: float = UPLOAD_RELEASE_GRACE_S) -> None:
         self._lock = threading.Lock()
         self._paths: dict[str, list[str]] = {}
+        self.grace_s = grace_s
 
     def add(self, session: str, paths: Iterable[str]) -> None:
         with self._lock:
@@ -86,7 +91,14 @@ class SessionUploads:
         """Delete the session's uploads (called with the session id a State held, or a request's)."""
         with self._lock:
             paths = self._paths.pop(session, []) if session else []
-            unheld = [p for p in dict.fromkeys(paths) if self._unheld(p)]
+        if paths:
+            timer = threading.Timer(self.grace_s, self._delete_unheld, [list(dict.fromkeys(paths))])
+            timer.daemon = True
+            timer.start()
+
+    def _delete_unheld(self, paths: list[str]) -> None:
+        with self._lock:
+            unheld = [p for p in paths if self._unheld(p)]
         forget_uploads(unheld)
 
     def _unheld(self, path: str) -> bool:
@@ -143,8 +155,8 @@ def _message_text(content: Any) -> str | None:
     return None
 
 
-def build_demo(service: ChatService) -> gr.Blocks:
-    session_uploads = SessionUploads()
+def build_demo(service: ChatService, upload_grace_s: float = UPLOAD_RELEASE_GRACE_S) -> gr.Blocks:
+    session_uploads = SessionUploads(upload_grace_s)
 
     def respond(message: dict[str, Any] | None, messages: list[dict[str, Any]], adapter_name: str,
                 temperature: float, top_p: float, max_new_tokens: int,
