@@ -187,3 +187,29 @@ def test_adapter_refuses_a_different_base(mm_model, tmp_path):
     save_tiny_hf(tmp_path / "other", seed=7)
     with pytest.raises(AdapterFileError, match="fingerprint"):
         load_adapter(load_base(str(tmp_path / "other")), path)
+
+
+def test_one_image_token_reaches_a_layer_as_one_vector_at_every_position(mm_model):
+    """With one image token added to all K prompts, the prompt scores shift equally (their own softmax
+    cancels it) and each head's weights sum to 1, so the image adds the same vector at every position and
+    for every question: wo(concat_h tanh(g_h) W_v,h I_p). This is why V1 answers about images come from a
+    per-layer shift of the residual stream, not from a question-dependent look at the image."""
+    model, adapter = mm_model, mm_model.adapter
+    with torch.no_grad():
+        adapter.gates.normal_(0, 0.5)
+    attention = model.base.layers[adapter.first_layer].attention
+    outputs = []
+    handle = attention.register_forward_hook(lambda module, args, output: outputs.append(output))
+    tokens = _tokens(2, 9)
+    features, has_image = model.image_features(_images("red", "red"))
+    with torch.no_grad():
+        model(tokens, features, has_image)
+        model(tokens, features, torch.zeros_like(has_image))
+        image_token = adapter.image_tokens(features[:1])  # [1, C]
+        value = attention.wv(image_token).view(attention.n_kv_heads, attention.head_dim)  # [G, d]
+        per_head = value.repeat_interleave(attention.n_heads // attention.n_kv_heads, 0)  # [H, d]
+        expected = attention.wo((torch.tanh(adapter.gates[0])[:, None] * per_head).reshape(1, -1))  # [1, C]
+    handle.remove()
+    shift = outputs[0] - outputs[1]  # [B, T, C]
+    assert shift.abs().max() > 1e-3
+    torch.testing.assert_close(shift, expected.expand_as(shift), rtol=1e-4, atol=1e-5)
