@@ -25,21 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LlamaConfig
+from .matvec import matvec_or_matmul, split_matvec, thread_split
 from .tuning import frozen_projection
-
-
-def matvec_or_matmul(x: Tensor, weight: Tensor) -> Tensor:
-    """x [..., in] @ weight[out, in]ᵀ. For a single fp32 row on CPU (decoding one token) BLAS runs
-    the matrix-vector product on one core (11 GB/s of the ~28 GB/s two cores read on the benchmark
-    machine); as a batched product over thread-count slices of the rows, each core streams its own
-    slice (20.6 GB/s in isolation): decoding is 25% faster (README, Benchmarks)."""
-    parts = torch.get_num_threads()
-    if (x.numel() != x.shape[-1] or parts < 2 or weight.shape[0] % parts or weight.dtype != torch.float32
-            or weight.device.type != "cpu"):
-        return F.linear(x, weight)  # bf16 and GPU kernels are parallel already
-    w = weight.view(parts, weight.shape[0] // parts, weight.shape[1]).transpose(1, 2)  # [P, in, out/P], a view
-    y = torch.bmm(x.reshape(1, 1, -1).expand(parts, 1, -1), w)  # [P, 1, out/P]: one slice per thread
-    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):
@@ -480,7 +467,7 @@ class DecodeStep:
 
 def _product(owner: nn.Module, names: tuple[str, ...]) -> Callable[[Tensor], Tensor]:
     """x [B, in] -> x Wᵀ [B, Σ out] for owner's projections `names`: one product over their (fused) weight, a
-    single fp32 row split over the threads as in `matvec_or_matmul` with the split weight prepared here;
+    single fp32 row split over the threads (matvec.py) with the split weight prepared here;
     quantised or tuned projections are called one by one."""
     single = getattr(owner, names[0])
     plain = len(names) == 1 and type(single) in (Linear, Embedding) and not single.weight.requires_grad
@@ -488,12 +475,11 @@ def _product(owner: nn.Module, names: tuple[str, ...]) -> Callable[[Tensor], Ten
     if weight is None:
         modules = [getattr(owner, n) for n in names]
         return modules[0] if len(modules) == 1 else lambda x: torch.cat([m(x) for m in modules], dim=-1)
-    parts, (out, inp) = torch.get_num_threads(), weight.shape
-    if parts < 2 or out % parts or weight.dtype != torch.float32 or weight.device.type != "cpu":
+    split = thread_split(weight)
+    if split is None:
         return lambda x: F.linear(x, weight)
-    split = weight.view(parts, out // parts, inp).transpose(1, 2)  # [P, in, out/P], a view
 
     def product(x: Tensor) -> Tensor:
-        return torch.bmm(x.expand(parts, 1, inp), split).view(1, out) if x.shape[0] == 1 else F.linear(x, weight)
+        return split_matvec(x, split) if x.shape[0] == 1 else F.linear(x, weight)
 
     return product

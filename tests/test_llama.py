@@ -100,7 +100,7 @@ def test_embedded_default_answers_sensibly(smollm):
 
 
 def test_one_row_product_uses_every_core_and_equals_linear():
-    from mmadapter.llama import matvec_or_matmul
+    from mmadapter.matvec import matvec_or_matmul
 
     torch.manual_seed(0)
     weight, x = torch.randn(96, 40), torch.randn(1, 1, 40)

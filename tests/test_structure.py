@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmadapter"
 
 # Floors, bottom first. A module may import from its own floor or any floor below.
 LAYERS = [
-    ("foundation", ["config", "atomic", "safe_io", "images", "loss", "distributed", "stop_signals", "plot",
+    ("foundation", ["config", "matvec", "atomic", "safe_io", "images", "loss", "distributed", "stop_signals", "plot",
                     "data.templates", "data.records", "data.shapes",
                     "demo.registry"]),
     ("pieces", ["llama", "tuning", "visual_query", "tokenizer", "gguf_tensor", "vision", "feature_cache", "prefix_cache", "data.encode",
