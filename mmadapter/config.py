@@ -238,6 +238,8 @@ class TrainConfig:
     weight_decay: float = option(0.02, "AdamW weight decay of prompts and projector weights (not gates, biases)")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.95, "AdamW beta2")
+    loss_per: str = option("token", "average the loss per answer token (long answers weigh more) or per sample "
+                                    "(each answer counts once, whatever its length)", choices=("token", "sample"))
     clip_grad: float | None = option(None, "clip the gradient norm to this value (default: no clipping)")
     on_nonfinite: str = option("stop", "a NaN/inf loss or gradient: stop (with a checkpoint of the state before "
                                        "that batch) or skip the batch", choices=("stop", "skip"))

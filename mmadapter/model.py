@@ -181,8 +181,9 @@ class MMAdapter(nn.Module):
 
     def loss(self, tokens: Tensor, labels: Tensor, image_features: Tensor | None = None,
              has_image: Tensor | None = None, prefix: Tensor | None = None,
-             reduction: str = "mean") -> Tensor:
-        """Next-token cross-entropy on labelled positions only (labels -100 elsewhere).
+             reduction: str = "mean", sample_weights: Tensor | None = None) -> Tensor:
+        """Next-token cross-entropy on labelled positions only (labels -100 elsewhere); with sample_weights
+        [B], every labelled position of sample b counts sample_weights[b] times.
 
         The LM head runs only where a label exists, which skips most of the vocab projection for
         instruction data, in chunks that never hold all logits (loss.py). `prefix` is the cached
@@ -197,7 +198,9 @@ class MMAdapter(nn.Module):
             h = self.base(tokens, adapter=kv)  # [B, T, C]
         targets = labels[:, 1:]  # position t predicts token t+1
         selected = targets != -100
-        return head_cross_entropy(h[:, :-1][selected], self.base.head_weight(), targets[selected], reduction)
+        row_weights = None if sample_weights is None else sample_weights[:, None].expand_as(targets)[selected]
+        return head_cross_entropy(h[:, :-1][selected], self.base.head_weight(), targets[selected], reduction,
+                                  row_weights)
 
     def last_token_logprobs(self, prompts: Sequence[Sequence[int]], images: Sequence[Any | None],
                             adapter: Adapter | None = _UNSET) -> Tensor:

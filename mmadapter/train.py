@@ -133,8 +133,16 @@ class Trainer:
 
     # -- forward -------------------------------------------------------------------------------
 
-    def batch_loss(self, data: PreparedData, indices: list[int], images: bool = True) -> Tensor:
-        """Summed token cross-entropy of some samples (a micro-batch share)."""
+    def loss_weights(self, data: PreparedData, indices: list[int]) -> list[float] | None:
+        """Each sample's weight per labelled token: None (1 each) when the loss is per token, 1/its label
+        count when it is per sample."""
+        if self.config.loss_per == "token":
+            return None
+        return [1.0 / max(data.label_counts[i], 1) for i in indices]
+
+    def batch_loss(self, data: PreparedData, indices: list[int], images: bool = True,
+                   weighted: bool = True) -> Tensor:
+        """Summed (weighted, `loss_weights`) token cross-entropy of some samples (a micro-batch share)."""
         model = self.model
         batch = collate([data.samples[i] for i in indices], pad_id=model.tokenizer.pad_id)
         tokens, labels = batch["tokens"].to(self.device), batch["labels"].to(self.device)
@@ -150,7 +158,10 @@ class Trainer:
                 keys = [self.prefix_cache.key(data.samples[i].tokens) for i in indices]
                 prefix = gather_prefix(self.prefix_cache, model.frozen_prefix, tokens,
                                        batch["lengths"].tolist(), keys)
-            return model.loss(tokens, labels, features, has_image, prefix=prefix, reduction="sum")
+            weights = self.loss_weights(data, indices) if weighted else None
+            weights = None if weights is None else torch.tensor(weights, device=self.device)
+            return model.loss(tokens, labels, features, has_image, prefix=prefix, reduction="sum",
+                              sample_weights=weights)
 
     @torch.no_grad()
     def evaluate(self, data: PreparedData) -> float:
@@ -162,7 +173,7 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64)
         mine = batches[self.dist.rank::self.dist.world]
         for indices in mine:
-            total[0] += float(self.batch_loss(data, indices))
+            total[0] += float(self.batch_loss(data, indices, weighted=False))
             total[1] += sum(data.label_counts[i] for i in indices)
         if self.sharded:
             for _ in range(-(-len(batches) // self.dist.world) - len(mine)):
@@ -199,7 +210,9 @@ class Trainer:
 
         A non-finite loss or gradient leaves the adapter and the optimizer untouched and returns it.
         """
-        n_labels = sum(data.label_counts[i] for batch in group for i in batch)
+        flat = [i for batch in group for i in batch]
+        weights = self.loss_weights(data, flat) or [1.0] * len(flat)
+        n_labels = sum(data.label_counts[i] * w for i, w in zip(flat, weights))  # the labelled tokens' weights
         loss_sum = torch.zeros((), device=self.device)
         for batch in group:
             mine = batch[self.dist.rank::self.dist.world]

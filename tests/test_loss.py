@@ -30,3 +30,20 @@ def test_no_gradient_work_without_autograd():
     with torch.no_grad():
         value = head_cross_entropy(h, weight, torch.tensor([1, 2, 3, 4]))
     torch.testing.assert_close(value, F.cross_entropy(h @ weight.t(), torch.tensor([1, 2, 3, 4])))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_row_weights_match_weighted_torch_cross_entropy(monkeypatch, reduction):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 4 * 30)
+    torch.manual_seed(1)
+    h = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 8, dtype=torch.float64)
+    targets = torch.randint(0, 30, (9,))
+    row_weights = torch.rand(9, dtype=torch.float64)
+    ours = head_cross_entropy(h, weight, targets, reduction, row_weights)
+    (g_ours,) = torch.autograd.grad(ours, h)
+    terms = F.cross_entropy(h @ weight.t(), targets, reduction="none") * row_weights
+    ref = terms.sum() if reduction == "sum" else terms.sum() / row_weights.sum()
+    (g_ref,) = torch.autograd.grad(ref, h)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(g_ours, g_ref)

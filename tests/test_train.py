@@ -209,6 +209,38 @@ def test_gradient_accumulation_equals_one_large_batch(text_base: Path, tmp_path:
             torch.testing.assert_close(other[name], adapters[0][name], rtol=1e-4, atol=1e-5)
 
 
+def test_loss_per_sample_counts_each_answer_once(text_base: Path, tmp_path: Path) -> None:
+    """loss_per="sample": the step's loss is the mean over samples of each one's mean token loss, and its
+    gradient is that mean's, so one long answer weighs no more than a one-word answer."""
+    from mmadapter.data.encode import collate
+
+    records = instruction_records(4, 5)
+    records[0]["output"] = "A much longer answer than the others, with many more tokens to learn from."
+    model = build_model(str(text_base), seed=0)
+    with torch.no_grad():
+        model.adapter.gates.fill_(0.3)
+    trainer = Trainer(model, quick_config(tmp_path, loss_per="sample"))
+    trainer.setup()
+    data = trainer.prepare(records)
+    assert len(set(data.label_counts)) > 1
+
+    def token_mean_loss(indices: list[int]) -> torch.Tensor:
+        batch = collate([data.samples[i] for i in indices], pad_id=model.tokenizer.pad_id)
+        return model.loss(batch["tokens"], batch["labels"])
+
+    params = [model.adapter.prompts, model.adapter.gates]
+    reference = torch.stack([token_mean_loss([i]) for i in range(4)]).mean()
+    expected_grads = torch.autograd.grad(reference, params)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = 0.0
+    loss, _ = trainer.train_step(data, [[0, 1], [2, 3]])
+    assert loss == pytest.approx(reference.item(), rel=1e-5)
+    trainer.batch_loss(data, [0, 1, 2, 3]).div(4).backward()
+    for p, expected in zip(params, expected_grads):
+        torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-7)
+    assert abs(token_mean_loss([0, 1, 2, 3]).item() - reference.item()) > 1e-3  # the averages differ here
+
+
 # ----------------------------------------------------------------------------------------------
 # The reference recipe
 
