@@ -12,6 +12,7 @@ resident memory of a fresh process that loads the base and decodes, per dtype.
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
@@ -67,6 +68,14 @@ def agreement(models: dict, n_tokens: int = 16) -> dict[str, tuple[int, float]]:
                    float((logits[name] - logits["fp32"]).abs().max())) for name in models}
 
 
+def weight_error(reference, quantised) -> float:
+    """Median over the quantised linears of ||Q(W) - W|| / ||W||, W the reference model's weight."""
+    dense = dict(reference.base.named_modules())
+    errors = [float((m.dense_weight() - dense[n].weight.float()).norm() / dense[n].weight.float().norm())
+              for n, m in quantised.base.named_modules() if hasattr(m, "dense_weight") and n in dense]
+    return statistics.median(errors)
+
+
 def train_step_seconds(model, runs: int) -> float:
     tokens = torch.randint(100, 49152, (4, 256), generator=torch.Generator().manual_seed(0))
 
@@ -104,10 +113,14 @@ def run(runs: int = 5) -> str:
     for name in DTYPES:
         overhead = 100 * (decode[(name, "base")] / decode[(name, "adapter")] - 1)
         rows.append([f"adapter overhead over the base, {name}", f"{overhead:.1f}%", "", ""])
-    for name, (same, dlogit) in agreement(models).items():
+    # bf16 weights and activations: how often greedy text flips on rounding alone (a scale for the others)
+    for name, (same, dlogit) in agreement({**models, "bf16": ours(30, dtype=torch.bfloat16)}).items():
         if name != "fp32":
             rows.append([f"{name}: max |Δlogit| vs fp32; same first 16 greedy tokens", f"{dlogit:.3f}",
                          f"{same}/50", ""])
+    for name in ("int8", "int4"):
+        rows.append([f"{name}: median relative weight error vs the fp32 base", f"{weight_error(models['fp32'], models[name]):.4f}",
+                     "", ""])
     times = {}
     for name in ("fp32", "int8"):
         model = models[name]

@@ -88,7 +88,8 @@ class SessionUploads:
         forget_uploads(unheld)
 
     def forget(self, session: str | None) -> None:
-        """Delete the session's uploads (called with the session id a State held, or a request's)."""
+        """Release the session's uploads (called with the session id a State held, or a request's): each is
+        deleted `grace_s` later unless a session holds it by then."""
         with self._lock:
             paths = self._paths.pop(session, []) if session else []
         if paths:
