@@ -38,6 +38,25 @@ class Distributed:
         dist.all_reduce(moved, op=op or dist.ReduceOp.SUM)
         return moved.to(tensor.device)
 
+    def sum_gradients(self, params: list[nn.Parameter], loss_sum: Tensor) -> Tensor:
+        """Sum the gradients of `params` (and the loss) over processes with one flat all-reduce.
+
+        A parameter that no process used this step (the projector in a step without images) keeps
+        grad None, so the optimizer skips it exactly as a single process would.
+        """
+        if self.world == 1:
+            return loss_sum
+        device = loss_sum.device
+        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+        used = torch.tensor([float(p.grad is not None) for p in params], device=device)
+        flat = self.all_reduce(torch.cat([*parts, used, loss_sum.reshape(1).float()]))
+        offset = 0
+        for i, p in enumerate(params):
+            grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
+            p.grad = grad.clone() if flat[-1 - len(params) + i] > 0 else None
+            offset += p.numel()
+        return flat[-1]
+
     def any(self, flag: bool) -> bool:
         """True on every process when it is True on one (stop requests, failed writes)."""
         return bool(self.all_reduce(torch.tensor([float(flag)])).item() > 0)

@@ -187,24 +187,6 @@ class Trainer:
         micro-batch runs a sample with zero weight (text only, so an unused projector stays unused)."""
         (self.batch_loss(data, indices, images=False) * 0.0).backward()
 
-    def _reduce_gradients(self, loss_sum: Tensor) -> Tensor:
-        """Sum gradients (and the loss) over processes with one flat all-reduce.
-
-        A parameter that no process used this step (the projector in a step without images) keeps
-        grad None, so the optimizer skips it exactly as a single process would.
-        """
-        if self.dist.world == 1:
-            return loss_sum
-        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in self.params]
-        used = torch.tensor([float(p.grad is not None) for p in self.params], device=self.device)
-        flat = self.dist.all_reduce(torch.cat([*parts, used, loss_sum.reshape(1).float().to(self.device)]))
-        offset = 0
-        for i, p in enumerate(self.params):
-            grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
-            p.grad = grad.clone() if flat[-1 - len(self.params) + i] > 0 else None
-            offset += p.numel()
-        return flat[-1]
-
     def train_step(self, data: PreparedData, group: list[list[int]]) -> tuple[float, float]:
         """One optimizer step over global micro-batches; returns (mean loss, gradient norm).
 
@@ -223,7 +205,7 @@ class Trainer:
             loss = self.batch_loss(data, mine)
             (loss / n_labels).backward()
             loss_sum += loss.detach().float()
-        loss_sum = self._reduce_gradients(loss_sum)
+        loss_sum = self.dist.sum_gradients(self.params, loss_sum)
         if self.config.clip_grad:
             norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_grad))
         else:
