@@ -31,3 +31,17 @@ def test_epoch_lengths_follow_the_documented_distribution():
     assert all(p + r <= MAX_LEN for p, r in lengths)
     assert 60 <= prompts[1000] <= 80  # 41-token preamble + median 18 instruction + inputs in 40% of samples
     assert 50 <= responses[1000] <= 70  # median 60
+
+
+def test_matvec_kernels_all_compute_the_same_product():
+    """The packed-weight kernels bench/matvec.py times are PyTorch internals: each must still give x Wᵀ."""
+    import torch
+
+    from bench.matvec import kernels
+
+    weights = [torch.randn(64, 48), torch.randn(30, 64)]
+    products = kernels(weights)
+    for i, w in enumerate(weights):
+        x = torch.randn(1, w.shape[1])
+        for name, product in products.items():
+            torch.testing.assert_close(product(x, i), x @ w.t(), rtol=1e-4, atol=1e-4, msg=name)
