@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .config import LlamaConfig
 from .matvec import matvec_or_matmul, split_matvec, thread_split
-from .tuning import frozen_projection
+from .tuning import frozen_projection, fused_tuning
 
 
 class Linear(nn.Linear):
@@ -45,15 +45,16 @@ class Linear(nn.Linear):
         return self.weight
 
 
-def fused_weight(owner: nn.Module, names: tuple[str, ...]) -> Tensor | None:
+def fused_weight(owner: nn.Module, names: tuple[str, ...], linears: list[nn.Module] | None = None) -> Tensor | None:
     """The weights of `owner`'s plain `Linear`s `names` as one [Σ out, in] tensor, so one product replaces
-    several; None when any of them is another module (quantised, tuned) or trainable: those stay separate.
+    several; None when any of them is another module (quantised) or trainable: those stay separate.
+    `linears`: the modules to fuse when they are not `names` themselves (the frozen ones inside V2 tuning).
 
     Concatenated on first use; the Linears' weights then become views into it, so resident memory does not
     grow and loading, training and state dicts see the same parameters. Whatever replaces a weight (loading
     with assign, `.to()`, swapping the module) is noticed here, and the weights are fused again.
     """
-    linears = [getattr(owner, n) for n in names]
+    linears = linears or [getattr(owner, n) for n in names]
     weights = [m.weight for m in linears if type(m) is Linear and not m.weight.requires_grad]
     if len(weights) < len(names) or len({(w.dtype, w.device) for w in weights}) != 1:
         return None
@@ -467,19 +468,20 @@ class DecodeStep:
 
 def _product(owner: nn.Module, names: tuple[str, ...]) -> Callable[[Tensor], Tensor]:
     """x [B, in] -> x Wᵀ [B, Σ out] for owner's projections `names`: one product over their (fused) weight, a
-    single fp32 row split over the threads (matvec.py) with the split weight prepared here;
-    quantised or tuned projections are called one by one."""
-    single = getattr(owner, names[0])
+    single fp32 row split over the threads (matvec.py) with the split weight prepared here. V2-tuned projections
+    over plain weights are fused too, their bias and LoRA terms added once (`fused_tuning`); quantised ones
+    are called one by one."""
+    modules = [getattr(owner, n) for n in names]
+    frozen = [frozen_projection(m) for m in modules]
+    single = frozen[0]
     plain = len(names) == 1 and type(single) in (Linear, Embedding) and not single.weight.requires_grad
-    weight = single.weight if plain else fused_weight(owner, names) if len(names) > 1 else None
+    weight = single.weight if plain else fused_weight(owner, names, frozen) if len(names) > 1 else None
     if weight is None:
-        modules = [getattr(owner, n) for n in names]
         return modules[0] if len(modules) == 1 else lambda x: torch.cat([m(x) for m in modules], dim=-1)
-    split = thread_split(weight)
-    if split is None:
-        return lambda x: F.linear(x, weight)
+    split, tuning = thread_split(weight), fused_tuning(modules)  # V2 biases / LoRA on top of the frozen product
 
     def product(x: Tensor) -> Tensor:
-        return split_matvec(x, split) if x.shape[0] == 1 else F.linear(x, weight)
+        y = split_matvec(x, split) if split is not None and x.shape[0] == 1 else F.linear(x, weight)
+        return y if tuning is None else tuning(x, y)
 
     return product

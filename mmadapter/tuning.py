@@ -15,6 +15,8 @@ reference: `Attention.project_prompt` calls `frozen_projection(self.wk)`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -54,6 +56,36 @@ class TunedLinear(nn.Module):
 def frozen_projection(module: nn.Module) -> nn.Module:
     """The frozen projection inside a TunedLinear (or the module itself)."""
     return module.frozen if isinstance(module, TunedLinear) else module
+
+
+def fused_tuning(modules: list[nn.Module]) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """For projections whose outputs are concatenated (q/k/v, gate/up): one function (x, y) -> y plus every
+    module's LoRA and bias term, their tensors fused once: A stacked [Σr, in] and B block-diagonal [Σout, Σr]
+    (both kept transposed), biases concatenated [Σout], zeros where a module has none. None when none is
+    tuned. A snapshot: for decoding, where the adapter does not change within a request."""
+    tuned = [m for m in modules if isinstance(m, TunedLinear)]
+    if not tuned:
+        return None
+    outs = [m.frozen.weight.shape[0] if isinstance(m, TunedLinear) else m.weight.shape[0] for m in modules]
+    with torch.no_grad():
+        like = tuned[0].bias if tuned[0].bias is not None else tuned[0].lora_b
+        bias = None
+        if any(m.bias is not None for m in tuned):
+            bias = torch.cat([m.bias if isinstance(m, TunedLinear) and m.bias is not None else like.new_zeros(n)
+                              for m, n in zip(modules, outs)]).detach()  # [Σout]
+        loras = [(m.lora_a, m.lora_b) if isinstance(m, TunedLinear) and m.lora_a is not None else None for m in modules]
+        a = b = None
+        if any(loras):
+            a = torch.cat([ab[0] for ab in loras if ab is not None]).t().contiguous()  # Aᵀ [in, Σr]
+            b = torch.block_diag(*[ab[1] if ab is not None else like.new_zeros(n, 0)
+                                   for ab, n in zip(loras, outs)]).t().contiguous()  # Bᵀ [Σr, Σout]
+
+    def add_terms(x: Tensor, y: Tensor) -> Tensor:
+        if a is not None:
+            y = y.addmm_(x @ a.to(x.dtype), b.to(x.dtype))  # y + B (A x)
+        return y if bias is None else y.add_(bias.to(y.dtype))
+
+    return add_terms
 
 
 class LayerTuning(nn.Module):

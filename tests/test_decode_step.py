@@ -69,6 +69,28 @@ def test_lean_step_equals_general_forward_with_adapter_and_image(multimodal, pro
     torch.testing.assert_close(lean_logits, ref_logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("tuning", [dict(bias_tuning=True), dict(bias_tuning=True, lora_rank=3), dict(lora_rank=2)],
+                         ids=["bias", "bias + LoRA", "LoRA"])
+def test_lean_step_fuses_v2_tuning_and_equals_the_general_forward(tiny_hf, tuning):
+    """V2 biases and LoRA over the frozen projections: the lean step fuses q/k/v and gate/up with their terms
+    stacked (zeros where a projection has none) and still gives the general forward's logits."""
+    model = load_base(str(tiny_hf[0]))
+    model.add_adapter(AdapterConfig(n_prompts=4, n_layers=3, **tuning), seed=0)
+    with torch.no_grad():
+        model.adapter.gates.fill_(0.5)
+        for p in model.adapter.tuning.parameters():
+            p.add_(torch.randn_like(p) * 0.2)  # non-zero biases and LoRA B: every term moves the logits
+    model.use_adapter(model.adapter)
+    with torch.inference_mode():
+        kv = model.adapter_kv(None, None)
+    base = model.base
+    assert any(type(m).__name__ == "TunedLinear" for m in base.modules())
+    ref, ref_logits = greedy(base, lambda *a: general_step(base, *a), PROMPTS, kv)
+    lean, lean_logits = greedy(base, DecodeStep(base), PROMPTS, kv)
+    assert lean.tolist() == ref.tolist()
+    torch.testing.assert_close(lean_logits, ref_logits, atol=1e-5, rtol=0)
+
+
 def test_lean_step_bf16_as_close_to_fp32_as_the_general_path(tiny_hf):
     """In bf16 the two paths round differently; the lean one must be no further from the fp32 logits."""
     logits = {}
