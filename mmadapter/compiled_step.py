@@ -22,13 +22,18 @@ import torch
 from torch import Tensor
 
 from .llama import AdapterKV, DecodeStep, KVCache, Llama
+from .tuning import TunedLinear
 
 log = logging.getLogger(__name__)
 
 
 def base_signature(base: Llama) -> tuple:
-    """Identity of the base's modules and weights: changes when a projection, norm or weight is replaced."""
-    return (tuple(map(id, base.modules())), tuple((id(p), p.data_ptr()) for p in base.parameters()))
+    """Identity of the base's modules and weights: changes when a projection, norm or weight is replaced, and
+    when V2 biases or LoRA factors change in place (training), since the step holds them fused (a copy)."""
+    tuned = [t for m in base.modules() if isinstance(m, TunedLinear) for t in (m.bias, m.lora_a, m.lora_b)
+             if t is not None]
+    return (tuple(map(id, base.modules())), tuple((id(p), p.data_ptr()) for p in base.parameters()),
+            tuple((id(t), t._version) for t in tuned))
 
 
 class BackgroundCompile:

@@ -14,7 +14,7 @@ from PIL import Image
 from test_vision import TINY_VIT, register_tiny_models, save_reference
 
 from mmadapter import AdapterConfig, VisionConfig, build_model, load_base
-from mmadapter.compiled_step import BackgroundCompile
+from mmadapter.compiled_step import BackgroundCompile, base_signature
 from mmadapter.generate import Sampling, decode_tokens, left_pad, prefill
 from mmadapter.llama import DecodeStep, Linear, replace_linears
 from mmadapter.quant import Int8Linear
@@ -89,6 +89,11 @@ def test_lean_step_fuses_v2_tuning_and_equals_the_general_forward(tiny_hf, tunin
     lean, lean_logits = greedy(base, DecodeStep(base), PROMPTS, kv)
     assert lean.tolist() == ref.tolist()
     torch.testing.assert_close(lean_logits, ref_logits, atol=1e-5, rtol=0)
+    signature = base_signature(base)  # a compiled step (which keeps its fused copy) must notice training
+    layer = model.adapter.tuning.layers[0]
+    with torch.no_grad():
+        (layer.bias["wq"] if "wq" in layer.bias else layer.lora_b["wq"]).add_(0.1)
+    assert base_signature(base) != signature
 
 
 def test_lean_step_bf16_as_close_to_fp32_as_the_general_path(tiny_hf):
