@@ -93,11 +93,11 @@ def prefill(base: Llama, tokens: Tensor, cache: list[KVCache], key_mask: Tensor 
 
 
 def decode_one_token(base: Llama, token: Tensor, pos: int, cache: list[KVCache], key_mask: Tensor | None,
-                     adapter: AdapterKV | None, step: DecodeStep | None = None) -> Tensor:
+                     adapter: AdapterKV | None, step: Callable[..., Tensor] | None = None) -> Tensor:
     """One step: the tokens [B] at cache slot `pos` in, logits [B, V] of the next token out.
 
-    Runs the lean `DecodeStep` (pass one built for the request to skip preparing it per token); the general
-    `Llama.forward` over one token is the reference it equals token for token."""
+    Runs the lean `DecodeStep` (pass one built for the request, or a compiled one, to skip preparing it per
+    token); the general `Llama.forward` over one token is the reference it equals token for token."""
     return (step or DecodeStep(base))(token, pos, cache, key_mask, adapter)
 
 
@@ -116,15 +116,15 @@ def decode_n_tokens(base: Llama, logits: Tensor, pos: int, n: int, cache: list[K
         eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=device)
         done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
     decode_step = step or DecodeStep(base)  # or a compiled one (compiled_step.py), same signature
-    for step in range(n):
+    for i in range(n):
         with torch.inference_mode():
             token = torch.where(done, eos[0], sample(logits, s, generator))
             done |= torch.isin(token, eos)
         yield token
-        if bool(done.all()) or step == n - 1:
+        if bool(done.all()) or i == n - 1:
             return
         with torch.inference_mode():
-            logits = decode_one_token(base, token, pos + step, cache, key_mask, adapter, decode_step)
+            logits = decode_one_token(base, token, pos + i, cache, key_mask, adapter, decode_step)
 
 
 def decode_tokens(base: Llama, prompts: Sequence[Sequence[int]], adapter: AdapterKV | None, s: Sampling,
