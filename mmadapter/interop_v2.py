@@ -97,8 +97,10 @@ def describe_v2(path: str | os.PathLike) -> dict[str, Any]:
                 else "bias" if name.startswith("llama.") else "projector")
         counts[part] = counts.get(part, 0) + t.numel()
     counts["total"] = sum(counts.values())
+    problems = tensor_problems(tensors, expected_shapes(adapter, vision, implied_base(tensors, str(path))))
     return {
         "format": variant_name(adapter, vision),
+        "tensor_check": {k: v for k, v in problems.items() if v} or "ok: every name and shape as the variant needs",
         "config": config,
         "adapter": {"n_prompts": adapter.n_prompts, "n_layers": adapter.n_layers,
                     "layers": f"{n_base - adapter.n_layers}-{n_base - 1}", "dim": tensors["adapter_query.weight"].shape[1],
@@ -197,12 +199,43 @@ def expected_shapes(adapter: AdapterConfig, vision: VisionConfig, base: LlamaCon
     return shapes
 
 
-def check_tensors(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]], source: str) -> None:
+def tensor_problems(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]]) -> dict[str, list[str]]:
+    """Missing, unexpected and misshapen tensor names ("name [shape] (expected [shape])"), each sorted."""
+    return {
+        "missing": sorted(set(expected) - set(tensors), key=_natural),
+        "unexpected": sorted(set(tensors) - set(expected), key=_natural),
+        "misshapen": [f"{k} {list(tensors[k].shape)} (expected {list(expected[k])})"
+                      for k in sorted(expected, key=_natural) if k in tensors and tuple(tensors[k].shape) != expected[k]],
+    }
+
+
+def implied_base(tensors: dict[str, Tensor], source: str) -> LlamaConfig:
+    """The base shape a V2 file implies by itself (layers from its per-layer gates, width from adapter_query,
+    heads from a gate, the FFN and kv widths from tuned tensors where it has them): enough to check its
+    names, and its shapes against each other, without the base."""
+    gates = {int(m.group(1)): t for k, t in tensors.items()
+             if (m := re.fullmatch(r"llama\.layers\.(\d+)\.attention\.gate", k))}
+    if "adapter_query.weight" not in tensors or not gates or tensors["adapter_query.weight"].dim() != 2:
+        raise V2Error(f"{source}: no adapter_query.weight [L*K, C] or no llama.layers.*.attention.gate; "
+                      "not a LLaMA-Adapter V2 checkpoint")
+    dim, heads = tensors["adapter_query.weight"].shape[1], gates[max(gates)].numel()
+    ffn = next((t.shape[0] for k, t in sorted(tensors.items()) if k.endswith(("feed_forward.w1.bias",
+                                                                              "lora_w1_l2.weight"))), 4 * dim)
+    kv = next((t.shape[0] for k, t in sorted(tensors.items()) if k.endswith("lora_wk_l2.weight")), dim)
+    head_dim = dim // heads if heads and dim % heads == 0 else 0
+    n_kv = kv // head_dim if head_dim and kv % head_dim == 0 and heads % max(kv // head_dim, 1) == 0 else heads
+    try:
+        return LlamaConfig(name="implied by the V2 file", dim=dim, n_layers=max(gates) + 1, n_heads=heads,
+                           n_kv_heads=n_kv, ffn_dim=ffn)
+    except ValueError as e:
+        raise V2Error(f"{source}: inconsistent shapes ({e})") from e
+
+
+def check_tensors(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]], source: str,
+                  against: str = "for this base") -> None:
     """Refuse missing, unexpected or wrongly shaped tensors, naming them."""
-    missing = sorted(set(expected) - set(tensors), key=_natural)
-    unexpected = sorted(set(tensors) - set(expected), key=_natural)
-    wrong = [f"{k} {list(tensors[k].shape)} (expected {list(expected[k])})" for k in sorted(expected, key=_natural)
-             if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    found = tensor_problems(tensors, expected)
+    missing, unexpected, wrong = found["missing"], found["unexpected"], found["misshapen"]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing tensor(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
@@ -212,8 +245,10 @@ def check_tensors(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...
     if wrong:
         problems.append(f"{len(wrong)} tensor(s) of the wrong shape: {'; '.join(wrong[:8])}")
     if problems:
-        raise V2Error(f"{source}: does not match a LLaMA-Adapter V2 checkpoint for this base: {'; '.join(problems)}. "
-                      "Load it over the base it was trained on (LLaMA-7B for the released files)")
+        advice = ("Load it over the base it was trained on (LLaMA-7B for the released files)"
+                  if against == "for this base" else "The file is damaged or not a released V2 layout")
+        raise V2Error(f"{source}: does not match a LLaMA-Adapter V2 checkpoint {against}: {'; '.join(problems)}. "
+                      f"{advice}")
 
 
 def _natural(key: str) -> list[Any]:
@@ -316,6 +351,64 @@ def load_v2(model: MMAdapter, path: str | os.PathLike, vision: VisionConfig | st
     if tower is not model.vision:
         adapter.use_tower(tower)
     return adapter
+
+
+def import_v2_without_tower(model: MMAdapter, path: str | os.PathLike,
+                            vision: VisionConfig | str | None = None) -> tuple[Adapter, int]:
+    """(adapter, the tower's feature_dim) for converting a V2 file: names and shapes checked against the
+    base, the tower's size read from its open_clip config. No tower is built and no CLIP weights are read:
+    a conversion copies tensors, so it works offline."""
+    config, tensors = check_v2_file(path)
+    _, want = v2_configs(config, tensors, tower_config(vision), str(path))
+    feature_dim = tower_feature_dim(want, str(path))
+    adapter = adapter_from_v2(config, tensors, model.base.config, feature_dim, want, str(path))
+    return adapter, feature_dim
+
+
+def save_v2_import(model: MMAdapter, adapter: Adapter, feature_dim: int, path: str | os.PathLike,
+                   training: dict[str, Any]) -> Path:
+    """Write an adapter from import_v2_without_tower as an mmadapter file: like save_adapter, with the tower
+    the V2 file names (no weights hash: the .pth records none, so any weights of that model load it)."""
+    from safetensors.torch import save_file
+
+    from .adapter_file import METADATA_KEY, adapter_meta
+
+    meta = dataclasses.replace(adapter_meta(model, adapter, training), vision=adapter.vision_config,
+                               feature_dim=feature_dim)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter.state_dict().items()}
+    path = Path(path)
+    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: meta.to_json()}))
+    return path
+
+
+def check_v2_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(config, tensors) of a V2 file whose names and shapes agree with each other (the base it implies):
+    a file with an unexpected, missing or misshapen tensor is refused by name before anything is loaded."""
+    config, tensors = read_v2(path)
+    adapter, vision = v2_configs(config, tensors, source=str(path))
+    try:
+        expected = expected_shapes(adapter, vision, implied_base(tensors, str(path)))
+    except ValueError as e:
+        raise V2Error(f"{path}: inconsistent V2 checkpoint ({e})") from e
+    check_tensors(tensors, expected, str(path), against="of its own variant and shape")
+    return config, tensors
+
+
+def tower_feature_dim(vision: VisionConfig, source: str) -> int:
+    """Features of an all-token ViT tower (tokens x width), from its open_clip config alone (no weights)."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(vision.model)
+    if cfg is None or "patch_size" not in cfg.get("vision_cfg", {}):
+        raise V2Error(f"{source}: open_clip has no ViT config named {vision.model!r} to size its tower from; "
+                      "name an open_clip ViT with --vision MODEL (only its config is read)")
+    size, patch = cfg["vision_cfg"]["image_size"], cfg["vision_cfg"]["patch_size"]
+    size, patch = (size, size) if isinstance(size, int) else size, (patch, patch) if isinstance(patch, int) else patch
+    if cfg["embed_dim"] != vision.clip_dim:
+        raise V2Error(f"{source}: its clip_proj reads tokens of width {vision.clip_dim} but the tower {vision.model} "
+                      f"gives {cfg['embed_dim']}; use the tower it was trained with (CLIP ViT-L/14 for the releases)")
+    n_tokens = (size[0] // patch[0]) * (size[1] // patch[1]) + 1  # patches + class token
+    return n_tokens * vision.clip_dim
 
 
 def tower_config(given: VisionConfig | str | None) -> VisionConfig:

@@ -140,11 +140,36 @@ def test_released_7b_key_set_loads(lora):
     adapter_config, vision = v2_configs(config, tensors)
     assert (adapter_config.n_prompts, adapter_config.n_layers, vision.query_depth) == (10, 31, 8)
     check_tensors(tensors, expected_shapes(adapter_config, vision, base), "7B")
+    from mmadapter.interop_v2 import implied_base, tensor_problems
+
+    implied = implied_base(tensors, "7B")  # what `info` and `convert` check a file against before any base
+    assert (implied.n_layers, implied.dim, implied.n_heads, implied.ffn_dim) == (32, 4096, 32, 11008)
+    assert tensor_problems(tensors, expected_shapes(adapter_config, vision, implied)) == {
+        "missing": [], "unexpected": [], "misshapen": []}
     with torch.device("meta"):
         adapter = adapter_from_v2(config, tensors, base, feature_dim=257 * 768)
     counts = adapter.parameter_counts()
     assert counts["prompts"] == 310 * 4096 and ("lora" in counts) == lora
     assert adapter.first_layer == 1
+
+
+def wrong_files(folder: Path) -> dict[str, tuple[Path, str, str]]:
+    """bias.pth with one unexpected, one missing and one misshapen tensor: {case: (path, kind, name)}."""
+    original = torch.load(FIX / "bias.pth", weights_only=True)
+    cases = {
+        "unexpected": ({**original["model"], "llama.layers.0.attention.surprise": torch.zeros(3)},
+                       "llama.layers.0.attention.surprise"),
+        "missing": ({k: v for k, v in original["model"].items() if k != "llama.layers.2.feed_forward.w2.bias"},
+                    "llama.layers.2.feed_forward.w2.bias"),
+        "misshapen": ({**original["model"], "llama.layers.1.attention.wq.bias": torch.zeros(31)},
+                      "llama.layers.1.attention.wq.bias [31] (expected [32])"),
+    }
+    out = {}
+    for kind, (tensors, named) in cases.items():
+        path = folder / f"{kind}.pth"
+        torch.save({"model": tensors, "config": original["config"]}, path)
+        out[kind] = (path, kind, named)
+    return out
 
 
 def test_refuses_wrong_files(tmp_path, tiny_vision):
@@ -153,17 +178,7 @@ def test_refuses_wrong_files(tmp_path, tiny_vision):
     from mmadapter.interop_v2 import V2Error, load_v2
 
     model = load_base(str(FIX / "base"), dtype=torch.float32)
-    original = torch.load(FIX / "bias.pth", weights_only=True)
-    cases = {
-        "extra": ({**original["model"], "llama.layers.0.attention.surprise": torch.zeros(3)}, "surprise"),
-        "missing": ({k: v for k, v in original["model"].items() if k != "llama.layers.2.feed_forward.w2.bias"},
-                    "llama.layers.2.feed_forward.w2.bias"),
-        "shape": ({**original["model"], "llama.layers.1.attention.wq.bias": torch.zeros(31)},
-                  "llama.layers.1.attention.wq.bias [31] (expected [32])"),
-    }
-    for name, (tensors, named) in cases.items():
-        path = tmp_path / f"{name}.pth"
-        torch.save({"model": tensors, "config": original["config"]}, path)
+    for path, _, named in wrong_files(tmp_path).values():
         with pytest.raises(V2Error, match=re.escape(named)):
             load_v2(model, path, tiny_vision)
     # the V1 reader no longer takes a V2 file for a V1 adapter with hundreds of ignored tensors
@@ -321,3 +336,76 @@ def test_tuning_wraps_quantised_and_bf16_bases(dtype, tiny_vision, golden):
         features = model.vision(golden["pixels"])
         logits = model(golden["tokens"], image_features=features, has_image=torch.tensor([True]))
     assert_close(logits[0, PREFILL - 1:].float(), golden["lora.logits"], atol=0.03, rtol=0)
+
+
+@pytest.fixture
+def no_tower(monkeypatch):
+    """Building any image tower fails, as ViT-L-14 'openai' does offline without cached weights."""
+    from mmadapter.vision import VisionTower
+
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("no CLIP weights here")
+
+    monkeypatch.setattr(VisionTower, "__init__", refuse)
+
+
+def test_info_names_unexpected_missing_and_misshapen_tensors(tmp_path, capsys, no_tower):
+    """`info` warns naming the tensor (exit 0) and fails with --strict (exit 1); a good file passes --strict."""
+    from mmadapter.cli import main
+
+    for path, kind, named in wrong_files(tmp_path).values():
+        assert main(["info", str(path), "--json"]) == 0
+        out, err = capsys.readouterr()
+        assert "warning" in err and named in err, err
+        assert named in json.loads(out)["tensor_check"][kind]
+        assert main(["info", str(path), "--strict"]) == 1
+        assert named in capsys.readouterr().err
+    assert main(["info", str(FIX / "lora.pth"), "--strict", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tensor_check"].startswith("ok")
+
+
+def test_convert_refuses_a_wrong_file_by_name_before_reading_the_base(tmp_path, capsys, no_tower):
+    from mmadapter.cli import main
+
+    for path, _, named in wrong_files(tmp_path).values():
+        out = tmp_path / f"{path.stem}.safetensors"
+        argv = ["convert", str(path), str(out), "--to", "mmadapter", "--base", str(tmp_path / "no-such-base")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert named in err and "no-such-base" not in err, err
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_convert_both_ways_through_the_cli_without_a_tower(variant, tmp_path, tiny_vision, monkeypatch):
+    """`mmadapter convert X.pth X.safetensors --to mmadapter` builds no tower (only open_clip's config of the
+    named model is read), `convert X.safetensors back.pth --to v2` gives every tensor back bit for bit, and
+    the converted file loads over the tower and answers as the V2 file does."""
+    import open_clip
+
+    from mmadapter import load_adapter, load_base
+    from mmadapter.cli import main
+    from mmadapter.interop_v2 import read_v2
+    from mmadapter.vision import VisionTower
+
+    ours, back = tmp_path / "v2.safetensors", tmp_path / "back.pth"
+    built = VisionTower.__init__
+    with monkeypatch.context() as m:
+        m.setattr(VisionTower, "__init__", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no CLIP weights")))
+        assert main(["convert", str(FIX / f"{variant}.pth"), str(ours), "--to", "mmadapter",
+                     "--base", str(FIX / "base"), "--vision", "tiny-v2-clip"]) == 0
+        assert main(["convert", str(ours), str(back), "--to", "v2"]) == 0
+    assert VisionTower.__init__ is built and open_clip.get_model_config("tiny-v2-clip") is not None
+    config, tensors = read_v2(FIX / f"{variant}.pth")
+    config2, tensors2 = read_v2(back)
+    assert config2 == config and tensors2.keys() == tensors.keys()
+    assert all(torch.equal(tensors2[k], tensors[k]) for k in tensors)
+    reference = v2_model(variant, tiny_vision)
+    loaded = load_base(str(FIX / "base"), dtype=torch.float32)
+    loaded.use_adapter(load_adapter(loaded, ours, activate=False, vision=tiny_vision.spec))
+    mine, theirs = loaded.adapter.state_dict(), reference.adapter.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert loaded.vision.feature_dim == reference.vision.feature_dim  # sized from the config as the tower is
+    tokens = torch.tensor([[1, 4, 8, 15, 16]])
+    with torch.inference_mode():
+        assert torch.equal(loaded(tokens), reference(tokens))

@@ -13,7 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "convert", help="import a V1 / V2 / PEFT adapter or export one to PEFT / V2",
         description="Convert an adapter between formats: an mmadapter .safetensors file, a PEFT AdaptionPrompt "
                     "directory, a LLaMA-Adapter V1 .pth (import only), a LLaMA-Adapter V2 multimodal .pth. "
-                    "Importing reads the base (and a V2 file's CLIP tower) to check shapes and record fingerprints; "
+                    "Importing reads the base to check shapes and record its fingerprint (a V2 file's CLIP tower is "
+                    "named, never loaded); "
                     "exporting an mmadapter file needs no base.",
         epilog="examples:\n"
                "  mmadapter convert llama_adapter_len10_layer30_release.pth alpaca.safetensors --to mmadapter "
@@ -35,6 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="V1 only: prompts per layer (default: inferred; the official release uses 10)")
     p.add_argument("--n-layers", type=int, default=None, metavar="L",
                    help="V1 only: adapted top layers (default: inferred from the gates)")
+    p.add_argument("--vision", default=None, metavar="MODEL[:WEIGHTS]",
+                   help="V2 imports: the open_clip tower the file reads (default ViT-L-14:openai); only its config "
+                        "is read, no weights, so converting works offline")
     p.add_argument("--template", default=None,
                    help="prompt template to record in an imported adapter (default: alpaca for V1, none for PEFT)")
     p.add_argument("--force", action="store_true", help="overwrite dst if it exists")
@@ -57,27 +61,43 @@ def run(args: argparse.Namespace) -> int:
         from ..data.templates import get_template
 
         get_template(args.template)  # fail before loading anything
+    if fmt != "v2" and args.vision is not None:
+        raise ValueError(f"--vision applies to V2 imports only; a {fmt} adapter names its tower (or has none)")
+    if fmt == "v2":
+        from ..interop_v2 import check_v2_file
+
+        check_v2_file(src)  # every name and shape first: a bad file is refused before the base is read
+    feature_dim = None  # V2 imports: the size of the tower the file names (which is never built)
     if fmt == "mmadapter":  # export: the file knows its base
         meta, adapter = adapter_from_file(src)
         base_name, fingerprint = meta.base_name, meta.base_fingerprint
     else:
         import torch
 
+        from ..interop_v2 import import_v2_without_tower
         from ..model import load_base
 
         model = load_base(args.base, dtype=torch.bfloat16)  # read for shapes and fingerprint only
-        adapter = import_adapter(model, src, fmt, n_prompts=args.n_prompts, n_layers=args.n_layers)
+        if fmt == "v2":
+            adapter, feature_dim = import_v2_without_tower(model, src, args.vision)
+        else:
+            adapter = import_adapter(model, src, fmt, n_prompts=args.n_prompts, n_layers=args.n_layers)
         if args.template is not None:
             adapter.template = args.template
         base_name, fingerprint = model.base_name, model.base_fingerprint
+    training = {"imported_from": fmt, "source": src.name}
     if args.to == "peft":
         save_peft(adapter, dst, base_name)
     elif args.to == "v2":
         from ..interop_v2 import save_v2
 
         save_v2(adapter, dst)
+    elif feature_dim is not None:
+        from ..interop_v2 import save_v2_import
+
+        save_v2_import(model, adapter, feature_dim, dst, training)
     else:
-        save_adapter(model, dst, adapter=adapter, training={"imported_from": fmt, "source": src.name})
+        save_adapter(model, dst, adapter=adapter, training=training)
     counts = adapter.parameter_counts()
     print(f"wrote {dst} ({args.to}): K={adapter.config.n_prompts} prompts x L={adapter.n_layers} layers "
           f"(layers {adapter.first_layer}-{adapter.first_layer + adapter.n_layers - 1}), "

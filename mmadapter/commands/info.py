@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--fingerprint", action="store_true",
                    help="bases: load the weights to compute the fingerprint adapters record (slow for big models)")
+    p.add_argument("--strict", action="store_true",
+                   help="V2 files: exit with status 1 when a tensor is unexpected, missing or misshapen (default: a "
+                        "warning naming them)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     info = describe(Path(args.path), fingerprint=args.fingerprint)
     print(json.dumps(info, indent=2) if args.json else render(info))
+    check = info.get("tensor_check")
+    if isinstance(check, dict):  # a V2 file whose names or shapes do not fit its variant: loading it will fail
+        named = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in check.items())
+        print(f"mmadapter info: {'error' if args.strict else 'warning'}: {args.path} does not load as a "
+              f"LLaMA-Adapter V2 checkpoint: {named}", file=sys.stderr)
+        return 1 if args.strict else 0
     return 0
 
 
@@ -92,7 +102,7 @@ def _mmadapter(path: Path) -> dict[str, Any]:
         counts[part] = counts.get(part, 0) + t.numel()
     counts["total"] = sum(counts.values())
     gates = torch.tanh(tensors["gates"].float())
-    from ..adapter import variant_name
+    from ..adapter import describe_image_path, variant_name
 
     return {
         "format": f"mmadapter adapter (version {meta.version})",
@@ -101,6 +111,7 @@ def _mmadapter(path: Path) -> dict[str, Any]:
                     "dim": dim, "gates": meta.adapter.gate, "tanh_gates": _range(gates)},
         "parameters": counts,
         "base": {"name": meta.base_name, "fingerprint": meta.base_fingerprint, "config": meta.base_config.to_dict()},
+        "image_tokens": describe_image_path(meta.vision, meta.feature_dim, n_prompts) if meta.vision else None,
         "vision": {**meta.vision.to_dict(), "feature_dim": meta.feature_dim} if meta.vision else None,
         "template": meta.template,
         "training": meta.training or None,
