@@ -7,9 +7,9 @@ only adapter tensors are ever saved. It holds
                        AdapterConfig(gate="per-layer"): one gate shared by the heads of a layer),
   projector (optional) the vision MLP that turns multi-scale CLIP features into one image token I_p.
 For sample b in layer l the prompt is P_l + I_p[b] (README, "The adapter, exactly"); text-only samples use P_l.
-With LLaMA-Adapter V2's visual-query projector I_p[b] is K image tokens [K, C], added to the K prompts
-token by token; V2 adapters also hold base tuning (biases, norms, LoRA: tuning.py) and, with new_gate, a
-per-layer scale of the prompt term: new_gate_l * tanh(g_l).
+With LLaMA-Adapter V2's visual-query projector, or spatial tokens (spatial_tokens.py), I_p[b] is K image
+tokens [K, C], added to the K prompts token by token; V2 adapters also hold base tuning (biases, norms, LoRA:
+tuning.py) and, with new_gate, a per-layer scale of the prompt term: new_gate_l * tanh(g_l).
 """
 
 from __future__ import annotations
@@ -25,15 +25,35 @@ from .tuning import BaseTuning
 
 
 def variant_name(config: AdapterConfig, vision: VisionConfig | None) -> str:
-    """The kind of adapter, for people: LLaMA-Adapter (V1 prompts, optional image MLP) or V2 multimodal."""
+    """The kind of adapter, for people: LLaMA-Adapter (V1 prompts, optional image MLP or spatial tokens) or
+    V2 multimodal."""
     if config.tunes_base or config.new_gate or (vision is not None and vision.projector == "visual-query"):
         parts = (["bias"] if config.bias_tuning else []) + ([f"LoRA r{config.lora_rank}"] if config.lora_rank else [])
         return f"LLaMA-Adapter V2 multimodal ({' + '.join(parts) or 'prompts only'})"
-    return "LLaMA-Adapter" + (" multimodal (image MLP)" if vision is not None else "")
+    if vision is None:
+        return "LLaMA-Adapter"
+    return "LLaMA-Adapter multimodal (" + ("spatial tokens" if vision.projector == "spatial" else "image MLP") + ")"
+
+
+def describe_image_path(vision: VisionConfig, feature_dim: int | None, n_prompts: int) -> str:
+    """How an adapter turns an image into tokens, in one line (`mmadapter info`)."""
+    if vision.projector == "spatial":
+        depth = "the last layer" if vision.token_depth is None else f"depth {vision.token_depth}"
+        grid = "one per patch" if vision.spatial_grid is None else \
+            f"a {vision.spatial_grid}\u00d7{vision.spatial_grid} grid"
+        return f"spatial tokens: {n_prompts} tokens from {grid} at {depth} (class token first)"
+    if vision.projector == "visual-query":
+        return f"visual query: {n_prompts} tokens from every token of the last layer"
+    return f"image MLP: one token from {vision.n_scales} global features, added to all {n_prompts} prompts"
 
 
 def build_projector(vision: VisionConfig, feature_dim: int, dim: int, n_prompts: int) -> nn.Module:
-    """The trainable image projector a vision config asks for: V1's MLP or V2's visual query."""
+    """The trainable image projector a vision config asks for: V1's MLP (the paper's method), V2's visual
+    query or spatial tokens."""
+    if vision.projector == "spatial":
+        from .spatial_tokens import build_spatial_tokens
+
+        return build_spatial_tokens(vision, feature_dim, dim, n_prompts)
     if vision.projector == "mlp":
         from .vision import Projector
 
@@ -45,7 +65,7 @@ def build_projector(vision: VisionConfig, feature_dim: int, dim: int, n_prompts:
             raise ValueError(f"tower features of size {feature_dim} are not whole tokens of width {vision.clip_dim}")
         return VisualQuery(vision.clip_dim, dim, n_prompts, vision.query_width, vision.query_depth,
                            vision.query_heads)
-    raise ValueError(f"unknown projector {vision.projector!r}; known: 'mlp', 'visual-query'")
+    raise ValueError(f"unknown projector {vision.projector!r}; known: 'mlp', 'visual-query', 'spatial'")
 
 
 class Adapter(nn.Module):
@@ -83,7 +103,7 @@ class Adapter(nn.Module):
         return variant_name(self.config, self.vision_config if self.projector is not None else None)
 
     def image_tokens(self, features: Tensor, has_image: Tensor | None = None) -> Tensor:
-        """I_p [B, C] (or [B, K, C] for a visual-query projector) from tower features [B, F]; rows without
+        """I_p [B, C] (or [B, K, C] for visual-query and spatial projectors) from tower features [B, F]; rows without
         an image are zero (plain prompts)."""
         if self.projector is None:
             raise ValueError("this adapter has no projector: it was built without a vision config")

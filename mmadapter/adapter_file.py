@@ -1,7 +1,8 @@
 """The mmadapter adapter file: one .safetensors holding the trainable tensors and a JSON header.
 
 Layout (format "mmadapter-adapter", version 1):
-  tensors   prompts [L, K, C], gates [L, H], projector.fc1.weight/bias, projector.fc2.weight/bias (multimodal)
+  tensors   prompts [L, K, C], gates [L, H], projector.* (multimodal: V1's fc1/fc2, the visual query's blocks,
+            or spatial tokens' norm, fc1, fc2 and position [K, C])
   metadata  safetensors' string map with one key, "mmadapter", a JSON object:
     format, version          "mmadapter-adapter", 1
     adapter                  AdapterConfig (n_prompts, n_layers, ...)
@@ -86,13 +87,21 @@ def adapter_meta(model: MMAdapter, adapter: Adapter | None = None, training: dic
     adapter = adapter or model.adapter
     if adapter is None:
         raise ValueError("the model has no adapter to save")
-    vision = getattr(model.vision, "config", None) if adapter.projector is not None else None
-    if vision is not None and getattr(model.vision, "weights_hash", None):
-        vision = VisionConfig.from_dict({**vision.to_dict(), "weights_hash": model.vision.weights_hash[:16]})
+    tower = model.tower_for(adapter)
+    vision = getattr(tower, "config", None) if adapter.projector is not None else None
+    if vision is not None:  # where the features come from: the tower; how they become tokens: the adapter's own
+        own = adapter.vision_config.to_dict() if adapter.vision_config is not None else {}
+        vision = VisionConfig.from_dict({**vision.to_dict(), **{k: own[k] for k in PROJECTOR_FIELDS if k in own}})
+    if vision is not None and getattr(tower, "weights_hash", None):
+        vision = VisionConfig.from_dict({**vision.to_dict(), "weights_hash": tower.weights_hash[:16]})
     return AdapterMeta(adapter=adapter.config, base_name=model.base_name, base_fingerprint=model.base_fingerprint,
                        base_config=model.base.config, vision=vision,
-                       feature_dim=getattr(model.vision, "feature_dim", None) if vision else None,
+                       feature_dim=getattr(tower, "feature_dim", None) if vision else None,
                        template=adapter.template or model.template, training=training or {})
+
+
+# VisionConfig fields that shape the projector, not the tower's features: adapters sharing a tower may differ.
+PROJECTOR_FIELDS = ("projector_hidden", "spatial_grid", "query_width", "query_depth", "query_heads")
 
 
 def save_adapter(model: MMAdapter, path: str | os.PathLike, training: dict[str, Any] | None = None,
@@ -231,5 +240,5 @@ def _same_model(a: str, b: str) -> bool:
 def _same_tower(tower: Any, want: VisionConfig, feature_dim: int | None) -> bool:
     have = tower.config
     return (have.model == want.model and have.n_scales == want.n_scales and tower.feature_dim == feature_dim
-            and have.projector == want.projector and have.bgr == want.bgr
+            and have.projector == want.projector and have.bgr == want.bgr and have.token_depth == want.token_depth
             and (not want.weights_hash or tower.weights_hash.startswith(want.weights_hash)))

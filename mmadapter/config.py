@@ -152,7 +152,7 @@ class AdapterConfig(_Serialisable):
 
 @dataclass(frozen=True)
 class VisionConfig(_Serialisable):
-    """A frozen open_clip image tower and the trainable projector to one image token.
+    """A frozen open_clip image tower and the trainable projector to image tokens (one for V1's MLP).
 
     pretrained: an open_clip tag (e.g. "openai"), a local checkpoint path, or None for random
     weights (answers about images are then meaningless; a warning says so). `from_spec` reads the
@@ -167,14 +167,38 @@ class VisionConfig(_Serialisable):
     seed: int = 0  # random weights (pretrained=None) come from this seed, so the same tower is built again
     # "mlp": multi-scale global features -> MLP -> one image token (V1). "visual-query": every token of the
     # last layer -> K learned queries through ViT blocks -> K image tokens, one per prompt (V2, visual_query.py).
+    # "spatial": the tokens after `token_depth` blocks, patches average-pooled to a spatial_grid x spatial_grid
+    # grid of regions (None: one per patch), class token first, each through one shared MLP -> 1 + g*g image
+    # tokens, one per prompt, so AdapterConfig.n_prompts must be 1 + g*g (spatial_tokens.py).
     projector: str = "mlp"
-    clip_dim: int = 768  # width of the tower's tokens (after proj) the visual query reads; set by the tower
+    clip_dim: int = 768  # width of the tower's tokens (after proj) the token projectors read; set by the tower
     query_width: int = 768
     query_depth: int = 8
     query_heads: int = 16
+    spatial_grid: int | None = None
+    token_depth: int | None = None  # blocks run before the tokens are read ("spatial"); None: all of them
     # Swap the image's channels before preprocessing: LLaMA-Adapter V2's reference reads images with OpenCV
     # (BGR) and feeds them as RGB, so its released weights were trained and evaluated on swapped channels.
     bgr: bool = False
+
+    def __post_init__(self) -> None:
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"VisionConfig.projector={self.projector!r}: use one of {', '.join(PROJECTORS)}")
+        for name in ("spatial_grid", "token_depth"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"VisionConfig.{name}={value!r} must be a positive integer (or None)")
+        if self.spatial_grid is not None and self.projector != "spatial":
+            raise ValueError(f"VisionConfig.spatial_grid={self.spatial_grid} is an option of projector='spatial' "
+                             f"(this config's projector is {self.projector!r})")
+        if self.token_depth is not None and self.projector == "mlp":
+            raise ValueError("VisionConfig.token_depth picks the layer whose tokens a token projector reads "
+                             "('spatial', 'visual-query'); the 'mlp' projector reads n_scales global features")
+
+    @property
+    def tokens(self) -> bool:
+        """Whether the projector reads the tower's token grid (not the multi-scale global features)."""
+        return self.projector in ("visual-query", "spatial")
 
     @classmethod
     def from_spec(cls, spec: str, **fields: Any) -> VisionConfig:
@@ -201,6 +225,8 @@ class VisionConfig(_Serialisable):
         return f"{self.model}:{self.pretrained or RANDOM_WEIGHTS}"
 
 
+# The image projectors: V1's MLP (the paper's method, the default), V2's visual query, spatial tokens.
+PROJECTORS = ("mlp", "visual-query", "spatial")
 SELF_CONTAINED_TOWERS = ("hf-hub:", "local-dir:")  # open_clip names whose weights come with the name
 RANDOM_WEIGHTS = "none"
 

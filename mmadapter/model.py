@@ -69,7 +69,7 @@ class MMAdapter(nn.Module):
     def shared_tower(self, config: VisionConfig) -> nn.Module:
         """A frozen tower built from `config` once and shared by every adapter trained over the same one
         (kept in `towers`, not as a submodule: it belongs to those adapters, not to the model)."""
-        key = (config.spec, config.n_scales, config.seed, config.projector, config.bgr)
+        key = (config.spec, config.n_scales, config.seed, config.projector, config.bgr, config.token_depth)
         if key not in self.towers:
             from .vision import VisionTower
 

@@ -109,4 +109,6 @@ def model_options(model: MMAdapter) -> dict[str, Any]:
     vision = getattr(model.vision, "config", None)
     if vision is not None and model.adapter is not None and model.adapter.projector is not None:
         options.update(vision=vision.spec, vision_scales=vision.n_scales, projector_hidden=vision.projector_hidden)
+        if vision.projector == "spatial":
+            options.update(projector="spatial", spatial_grid=vision.spatial_grid, token_depth=vision.token_depth)
     return options

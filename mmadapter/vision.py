@@ -12,6 +12,9 @@ architecture, weights and preprocessing are open_clip's own; the scales come fro
 - ModifiedResNet towers (RN50, ...): the global-average-pooled output of the deepest M of the four
   stages layer1..layer4 (so n_scales is 1..4; the default 4 uses every stage). Widths differ per
   stage (256+512+1024+2048 for RN50) -> [B, sum of widths].
+- Token projectors (VisionConfig.projector "visual-query" and "spatial", ViT towers only): every token of
+  one block (the last, or after `token_depth` blocks), class token first, each through ln_post and proj,
+  flattened -> [B, N*E].
 """
 
 from __future__ import annotations
@@ -95,11 +98,11 @@ class VisionTower(nn.Module):
 
         self.kind = _tower_kind(open_clip, visual, name)
         self.visual = visual
-        self.all_tokens = config.projector == "visual-query"
+        self.all_tokens = config.tokens  # visual-query and spatial projectors read every token of one layer
         if self.all_tokens and self.kind != "vit":
-            raise ValueError(f"{name}: the visual-query projector reads ViT tokens; this is a {self.kind} tower")
+            raise ValueError(f"{name}: the {config.projector} projector reads ViT tokens; this is a {self.kind} tower")
         self.n_scales = config.n_scales
-        self.take_indices = [len(visual.transformer.resblocks) - 1] if self.all_tokens else \
+        self.take_indices = [self._token_index(visual, config)] if self.all_tokens else \
             self._scale_indices(visual, config.n_scales)
         self.feature_dim = self._feature_dim(visual)
         if self.all_tokens:
@@ -107,6 +110,8 @@ class VisionTower(nn.Module):
             n_tokens = visual.positional_embedding.shape[0]  # patches + class token
             self.feature_dim = n_tokens * clip_dim  # every token, flattened: [B, N * E]
             config = dataclasses.replace(config, clip_dim=clip_dim)
+            if config.projector == "spatial":  # the depth read, recorded in adapters trained over this tower
+                config = dataclasses.replace(config, token_depth=self.take_indices[0] + 1)
         self.transform: Callable[[Image.Image], torch.Tensor] = preprocess
         self.resize_mode: str = visual.preprocess_cfg.get("resize_mode", "shortest")
         size = visual.preprocess_cfg["size"]
@@ -117,7 +122,9 @@ class VisionTower(nn.Module):
         self.weights_hash = weights_sha256(self.visual)[:16]
         self.config = dataclasses.replace(config, weights_hash=self.weights_hash)
         variant = "+quickgelu" if quick_gelu else ""
-        features = "tokens" if self.all_tokens else f"m{config.n_scales}"
+        last = self.all_tokens and self.take_indices[0] == len(visual.transformer.resblocks) - 1
+        features = "tokens" if last else f"tokens@{self.take_indices[0] + 1}" if self.all_tokens \
+            else f"m{config.n_scales}"
         self.fingerprint = f"{name}{variant}:{features}{':bgr' if config.bgr else ''}:{self.weights_hash}"
         if config.weights_hash is not None and config.weights_hash != self.weights_hash:
             log.warning(
@@ -150,7 +157,7 @@ class VisionTower(nn.Module):
         """[B, 3, H, W] preprocessed pixels -> [B, feature_dim] multi-scale global features."""
         first_param = next(self.visual.parameters())
         pixels = pixels.to(device=first_param.device, dtype=first_param.dtype)
-        if self.all_tokens:  # LLaMA-Adapter V2: every token of the last block through ln_post and proj
+        if self.all_tokens:  # every token of one block (V2: the last) through ln_post and proj
             out = self.visual.forward_intermediates(
                 pixels, indices=self.take_indices, intermediates_only=True,
                 output_fmt="NLC", output_extra_tokens=True,
@@ -175,6 +182,15 @@ class VisionTower(nn.Module):
         token, so normalising before or after taking the token is the same)."""
         token = self.visual.ln_post(token)
         return token @ self.visual.proj if self.visual.proj is not None else token
+
+    @staticmethod
+    def _token_index(visual: nn.Module, config: VisionConfig) -> int:
+        """The block whose tokens a token projector reads: after `token_depth` blocks, else the last."""
+        n_blocks = len(visual.transformer.resblocks)
+        depth = config.token_depth or n_blocks
+        if depth > n_blocks:
+            raise ValueError(f"VisionConfig.token_depth={depth} exceeds the tower's {n_blocks} transformer blocks")
+        return depth - 1
 
     def _scale_indices(self, visual: nn.Module, n_scales: int) -> list[int]:
         if self.kind == "vit":

@@ -38,6 +38,14 @@ class ModelOptions:
                                       "ViT-L-14:openai or local-dir:<dir> (default: text-only)")
     vision_scales: int = option(4, "depths whose global features feed the projector (M)")
     projector_hidden: int = option(128, "hidden width of the projector MLP")
+    projector: str = option("mlp", "image projector: mlp (LLaMA-Adapter V1: one image token from the global "
+                                   "features, added to every prompt) or spatial (one token per region of the "
+                                   "tower's patch grid, token k added to prompt k; needs --n-prompts 1 + g*g)",
+                            choices=("mlp", "spatial"))
+    spatial_grid: int | None = option(None, "spatial: pool the patch tokens to a g x g grid of regions "
+                                            "(default: one token per patch)")
+    token_depth: int | None = option(None, "spatial: read the tokens after this many tower blocks "
+                                           "(default: the last)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -139,7 +147,15 @@ def check_inputs(options: ModelOptions, config: TrainConfig) -> None:
     if config.template is not None:
         get_template(config.template)
     if options.vision:
-        VisionConfig.from_spec(options.vision)
+        VisionConfig.from_spec(options.vision, **vision_fields(options))
+    elif options.projector != "mlp" or options.spatial_grid is not None or options.token_depth is not None:
+        raise ValueError("--projector, --spatial-grid and --token-depth shape the image path: pass --vision too")
+
+
+def vision_fields(options: ModelOptions) -> dict[str, Any]:
+    """The VisionConfig fields the model options set (besides the tower itself)."""
+    return dict(n_scales=options.vision_scales, projector_hidden=options.projector_hidden,
+                projector=options.projector, spatial_grid=options.spatial_grid, token_depth=options.token_depth)
 
 
 def build_training_model(options: ModelOptions, seed: int, fsdp: bool = False) -> Any:
@@ -162,8 +178,7 @@ def build_training_model(options: ModelOptions, seed: int, fsdp: bool = False) -
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per torchrun process
     vision = None
     if options.vision:
-        vision = VisionConfig.from_spec(options.vision, n_scales=options.vision_scales,
-                                        projector_hidden=options.projector_hidden)
+        vision = VisionConfig.from_spec(options.vision, **vision_fields(options))
     dtype = options.dtype
     shard_later = fsdp and torch.device(device).type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1
     model = build_model(options.base, AdapterConfig(n_prompts=options.n_prompts, n_layers=options.n_layers,
