@@ -235,6 +235,37 @@ def test_spatial_and_v1_requests_batch_together_and_get_what_they_get_alone(text
     assert engine.peak_rows >= 2  # decoded together: same K, so nothing had to wait
 
 
+def test_app_serves_a_spatial_and_a_v1_adapter_from_files(text_base, tower_dir, tmp_path):
+    """`serve --adapter spatial.safetensors` beside a V1 file: each answers as it does alone."""
+    import argparse
+
+    from mmadapter.app.serve import add_serve_args, build_service
+
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    model = spatial_model(text_base, tower_dir)
+    save_adapter(model, tmp_path / "spatial.safetensors")
+    v1_model = build_model(str(text_base), AdapterConfig(n_prompts=K, n_layers=2),
+                           VisionConfig(model=f"local-dir:{tower_dir}", pretrained=None, n_scales=2,
+                                        projector_hidden=16), seed=1)
+    with torch.no_grad():
+        v1_model.adapter.gates.fill_(0.7)
+        v1_model.adapter.projector.fc2.weight.mul_(20)
+    save_adapter(v1_model, folder / "v1.safetensors")
+    image = tmp_path / "red.png"
+    picture("red").save(image)
+
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    service = build_service(parser.parse_args(["--base", str(text_base), "--adapter",
+                                               str(tmp_path / "spatial.safetensors"), "--adapters-dir", str(folder),
+                                               "--no-demo", "--max-batch", "4"]))
+    assert "`spatial` (LLaMA-Adapter multimodal (spatial tokens))" in service.status_markdown()
+    for name, reference in (("spatial", model), ("v1", v1_model)):
+        reply = list(service.answer("What color is this?", str(image), [], name, max_new_tokens=16))[-1]
+        assert reply.text == reference.generate("What color is this?", image=str(image), max_new_tokens=16), name
+
+
 # ----------------------------------------------------------------------------------------------
 # (5) training, with the feature cache
 
