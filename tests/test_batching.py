@@ -90,3 +90,42 @@ def test_stop_strings_cancel_and_bad_requests(smollm, adapters):
         list(engine.submit(smollm.prompt_ids("Hi"), image=Image.new("RGB", (8, 8)), sampling=Sampling(8)))
     assert "".join(engine.stream("What is the capital of France?", max_new_tokens=12)) == \
         smollm.generate("What is the capital of France?", max_new_tokens=12)  # still serving
+
+
+def test_another_prompt_count_waits_until_the_batch_drains(smollm, adapters):
+    """A request whose adapter has another number of prompts than the running batch is not admitted while
+    that batch decodes; it starts once the batch has drained, and still gets the tokens it gets alone."""
+    saved = smollm.adapter
+    build_model(smollm, AdapterConfig(n_prompts=5, n_layers=4), None, seed=4)
+    five, smollm.adapter = smollm.adapter, saved
+    with torch.no_grad():
+        five.gates.fill_(0.5)
+    requests = [("Write a short poem about the sea.", adapters["four"], 24), ("Hi", five, NEW_TOKENS)]
+    alone = [smollm.generate(p, adapter=a, max_new_tokens=n) for p, a, n in requests]
+    engine = BatchEngine(smollm, max_batch=4, max_slots=512)
+    admitted = []  # (prompt count, prompt counts decoding at that moment, step)
+    admit = engine._admit
+
+    def recording(request) -> None:
+        admitted.append((request.n_prompts, [r.n_prompts for r in engine._active()], engine.steps))
+        admit(request)
+
+    engine._admit = recording
+    results: list[str | None] = [None] * len(requests)
+
+    def run(i: int) -> None:
+        prompt, adapter, n = requests[i]
+        results[i] = "".join(engine.stream(prompt, adapter=adapter, max_new_tokens=n))
+
+    first = threading.Thread(target=run, args=(0,))
+    first.start()
+    while engine.steps < 2:
+        threading.Event().wait(0.01)
+    submitted_at = engine.steps
+    second = threading.Thread(target=run, args=(1,))
+    second.start()
+    for t in (first, second):
+        t.join(timeout=300)
+    assert results == alone
+    assert [(k, active) for k, active, _ in admitted] == [(10, []), (5, [])]  # admitted alone, after the drain
+    assert admitted[1][2] > submitted_at + 1  # it waited while the first request went on decoding

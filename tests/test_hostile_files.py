@@ -99,18 +99,26 @@ def test_no_pickle_payload_ever_ran(corpus):
     assert (root / f"{make_corpus.MARKER_PREFIX}v1-raw-pickle").exists()
 
 
-def test_figures(corpus, capsys):
+def test_the_readme_states_the_corpus_and_its_figures_print(corpus, capsys):
+    """The README's count of files is the corpus's; the per-loader table prints for the reader (`-s` not needed)."""
+    import re
+
     _, cases, results = corpus
+    stated = re.search(r"writes\s+(\d+)\s+small\s+files\s+\((\d+)\s+hostile,\s+(\d+)\s+valid\s+controls\)",
+                       (REPO / "README.md").read_text())
+    assert stated, "README: the hostile-files paragraph no longer states the corpus size"
+    hostile = sum(c.expect is not None for c in cases)
+    assert tuple(map(int, stated.groups())) == (len(cases), hostile, len(cases) - hostile)
     lines = [f"{'loader':<10} {'files':>5} {'controls ok':>11} {'rejected':>8} {'max s':>7} {'max peak MiB':>12}"]
     for loader in LOADERS:
         mine = [c for c in cases if c.loader == loader]
-        hostile = [c for c in mine if c.expect]
-        rejected = sum(results[c.name]["error"] == c.expect for c in hostile)
+        hostile_ones = [c for c in mine if c.expect]
+        rejected = sum(results[c.name]["error"] == c.expect for c in hostile_ones)
         controls = sum(results[c.name]["error"] is None for c in mine if c.expect is None)
-        slowest = max(results[c.name]["seconds"] for c in hostile)
-        peak = max(results[c.name]["peak_growth_mib"] for c in hostile)
-        lines.append(f"{loader:<10} {len(mine):>5} {controls:>5}/{len(mine) - len(hostile):<5} "
-                     f"{rejected:>4}/{len(hostile):<3} {slowest:>7.3f} {peak:>12.1f}")
+        slowest = max(results[c.name]["seconds"] for c in hostile_ones)
+        peak = max(results[c.name]["peak_growth_mib"] for c in hostile_ones)
+        lines.append(f"{loader:<10} {len(mine):>5} {controls:>5}/{len(mine) - len(hostile_ones):<5} "
+                     f"{rejected:>4}/{len(hostile_ones):<3} {slowest:>7.3f} {peak:>12.1f}")
     show(capsys, "hostile files per loader", lines)
 
 

@@ -29,8 +29,9 @@ ELSEWHERE = {
     "mmadapter train --base /models/llama-7b": "tests/test_train.py (the scienceqa: source)",
     "mmadapter convert llama_adapter": "tests/test_cli.py (convert and info round trip)",
     "make test": "the Makefile itself",
-    "mmadapter chat --dtype int8": "tests/test_quant.py (int8 / int4 bases through the CLI and info)",
-    "mmadapter info LORA-BIAS-7B.pth": "tests/test_v2.py (info, convert both ways, the app, generation)",
+    "mmadapter chat --dtype int8": "tests/test_quant_cli.py (chat --dtype int8 / int4 and info through the CLI)",
+    "mmadapter info LORA-BIAS-7B.pth": "tests/test_v2.py (info and `mmadapter convert` both ways through the CLI, "
+                                       "the app, generation)",
 }
 SKIPPED_LINES = ("torchrun ",)  # tests/test_train_ddp.py runs training under torchrun
 
@@ -78,8 +79,8 @@ def write_data(workdir: Path, stand_ins: dict[str, str]) -> None:
 
 def python_stand_in(code: str, stand_ins: dict[str, str]) -> str:
     code = code.replace('"smollm2-135m-instruct"', repr(stand_ins["base"]))
-    code = code.replace('VisionConfig(model="ViT-L-14", pretrained="openai")',
-                        f'VisionConfig.from_spec({stand_ins["tower"]!r}, n_scales=2, projector_hidden=16)')
+    code = code.replace('VisionConfig(model="ViT-L-14", pretrained="openai"',  # further options are kept
+                        f'VisionConfig.from_spec({stand_ins["tower"]!r}, n_scales=2, projector_hidden=16')
     return code.replace("TrainConfig(epochs=5,", "TrainConfig(epochs=2, progress=False, plot=False,")
 
 

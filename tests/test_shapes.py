@@ -49,7 +49,24 @@ def test_every_generated_answer_is_recomputed_from_the_scene():
             for qa in shapes.questions(scene):
                 kinds[qa.kind] += 1
                 assert shapes.answer_question(scene, qa.question) == qa.answer, (split, index, qa)
+                if qa.kind == "caption":  # both sides above call caption(): read it back instead
+                    assert read_caption(qa.answer) == [(o.color, o.shape) for o in sorted(scene.objects,
+                                                                                        key=lambda o: o.x)], qa
     assert set(kinds) == set(shapes.QUESTION_KINDS)
+
+
+def read_caption(text: str) -> list[tuple[str, str]]:
+    """"a red circle, an orange square and a gray triangle." -> [(colour, shape), ...], articles checked."""
+    assert text.endswith(".") and text.count(" and ") <= 1, text
+    parts = text[:-1].replace(" and ", ", ").split(", ")
+    out = []
+    for part in parts:
+        article, color, shape = part.split(" ")
+        assert article == ("an" if color[0] in "aeiou" else "a"), text
+        assert color in shapes.COLORS and shape in shapes.SHAPES, text
+        out.append((color, shape))
+    assert (" and " in text) == (len(out) > 1), text
+    return out
 
 
 def test_scenes_follow_the_rules():
