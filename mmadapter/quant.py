@@ -7,6 +7,11 @@ activations (measured on AVX2 and AVX-512 CPUs: fp32 activations run 5-20x slowe
 so a few rows (decoding, short prompts) go through them in bf16, while many rows (prefill of long
 prompts, training) dequantise one slice of rows at a time and use an ordinary fp32 matmul.
 
+The 4-bit kernel's packed layout is private to PyTorch and differs between CPU capabilities, so codes
+are read back through a layout learnt by round trip in this process (int4_layout.py), and every
+quantised base checks one layer of each kind against its dequantised weight when it is built: a
+kernel that disagrees is an error naming the capability, never wrong text.
+
 Every quantised module is a drop-in for a frozen `llama.Linear` / `llama.Embedding`: `forward(x)` is
 x Wᵀ in x's dtype, `dense_weight()` gives W (dequantised), and gradients flow to the input (never to
 the weights) through `_FrozenMatmul`, so adapters, gates, projectors and LoRA terms around them train.
@@ -23,14 +28,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LlamaConfig
+from .int4_layout import cpu_capability, layout_for, pack
 
 log = logging.getLogger(__name__)
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZE = 32  # inputs per 4-bit group: GGUF's Q4_0 / Q4_1 block, so those load without requantising
 KERNEL_MAX_ROWS = 64  # above this many rows a dequantised fp32 matmul is faster than the bf16 kernels
+KERNEL_CHECK_TOLERANCE = 0.01  # kernel vs dequantised weight, relative: bf16 activations and output cost ~0.3%
 ROW_CHUNK = 2048  # output rows dequantised at a time on the many-rows path and in backward
-_INT4_BLOCK_N = 32  # the CPU int4 kernel packs 32 output rows together (rows j and j+16 share a byte)
+_INT4_ROWS = 32  # 4-bit weights need a multiple of 32 output rows (whole kernel blocks on every CPU we checked)
 
 
 def kernels_available(device: torch.device) -> bool:
@@ -58,6 +65,10 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
         return named
     raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16, float16, or a quantised base: "
                      f"{', '.join(SCHEMES)}")
+
+
+class QuantKernelError(RuntimeError):
+    """PyTorch's weight-only kernel does not compute what the stored codes say on this CPU."""
 
 
 class _FrozenMatmul(torch.autograd.Function):
@@ -108,6 +119,18 @@ class QuantLinear(nn.Module):
     def kernel(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def check_kernel(self) -> None:
+        """Refuse a kernel that disagrees with the dequantised weight (rather than decode wrong text): its
+        product on a random input must match F.linear with dense_weight() to 1% (relative norm)."""
+        x = torch.randn(3, self.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        ref = F.linear(x.float(), self.dense_weight())  # [3, out]
+        err = float((self.kernel(x).float() - ref).norm() / ref.norm().clamp(min=1e-12))
+        if not err <= KERNEL_CHECK_TOLERANCE:
+            raise QuantKernelError(
+                f"PyTorch {torch.__version__}'s {type(self).__name__} kernel disagrees with its own dequantised "
+                f"weight on this CPU (kernel capability {cpu_capability()}): relative error {err:.3g}. Use a float "
+                f"dtype, or ATEN_CPU_CAPABILITY=avx2 / default, and please report the capability.")
+
     def dequantize(self, start: int, end: int, dtype: torch.dtype) -> Tensor:
         raise NotImplementedError
 
@@ -136,14 +159,17 @@ class Int8Linear(QuantLinear):
 
 
 class Int4Linear(QuantLinear):
-    """W ≈ (q - 8) * scale + zero per group of 32 inputs, q in 0..15, packed in the CPU kernel's layout."""
+    """W ≈ (q - 8) * scale + zero per group of 32 inputs, q in 0..15, packed in the CPU kernel's layout.
+
+    That layout is private to PyTorch and differs between CPU capabilities, so reading codes back goes
+    through the layout learnt for this process (int4_layout.py), never an assumed one."""
 
     def __init__(self, codes: Tensor, scales: Tensor, zeros: Tensor) -> None:
         """codes [out, in] (0..15, any integer dtype); scales, zeros [out, in / GROUP_SIZE]."""
         super().__init__()
         self.out_features, self.in_features = codes.shape
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
-        self.register_buffer("weight_int4", packed)  # [out, in / 2] uint8
+        self.layout = layout_for(self.out_features, self.in_features)
+        self.register_buffer("weight_int4", pack(codes))  # [out, in / 2] uint8, the kernel's layout
         # [in / GROUP_SIZE, out, 2]: (scale, zero) per group, transposed as the kernel wants them
         self.register_buffer("weight_scale_zero", torch.stack((scales, zeros), -1).transpose(0, 1)
                              .to(torch.bfloat16).contiguous())
@@ -154,19 +180,14 @@ class Int4Linear(QuantLinear):
 
     @staticmethod
     def supports(shape: tuple[int, ...]) -> bool:
-        return len(shape) == 2 and shape[0] % _INT4_BLOCK_N == 0 and shape[1] % GROUP_SIZE == 0
+        return len(shape) == 2 and shape[0] % _INT4_ROWS == 0 and shape[1] % GROUP_SIZE == 0
 
     def kernel(self, x: Tensor) -> Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight_int4, GROUP_SIZE, self.weight_scale_zero)
 
     def codes(self, start: int, end: int) -> Tensor:
-        """The 4-bit codes [end - start, in] (uint8, 0..15) of output rows start..end (multiples of 32).
-
-        The kernel's layout: per block of 32 output rows and per input k, 16 bytes whose low nibbles hold
-        rows 0..15 of the block and high nibbles rows 16..31."""
-        blocks = self.weight_int4[start:end].view(-1, self.in_features, 16)  # [blocks, in, 16]
-        codes = torch.stack((blocks & 15, blocks >> 4), dim=1)  # [blocks, 2, in, 16]
-        return codes.permute(0, 1, 3, 2).reshape(end - start, self.in_features)
+        """The 4-bit codes [end - start, in] (uint8, 0..15) of output rows start..end."""
+        return self.layout.unpack(self.weight_int4, start, end)
 
     def dequantize(self, start: int, end: int, dtype: torch.dtype) -> Tensor:
         sz = self.weight_scale_zero[:, start:end].to(dtype)  # [groups, rows, 2]
@@ -261,6 +282,11 @@ def build_quantized(model: nn.Module, state: Mapping[str, Any], scheme: str, dev
         else:
             continue
         setattr(parent, attr, new.to(device))
+    checked: set[type] = set()
+    for module in model.modules():  # one layer of each kind checks the kernels before any text is made
+        if isinstance(module, QuantLinear) and type(module) not in checked:
+            module.check_kernel()
+            checked.add(type(module))
     for name, _ in list(model.named_parameters()):  # what is left: the norms, kept in fp32
         owner, _, attr = name.rpartition(".")
         tensor = _dense(state[name]).to(device=device, dtype=torch.float32)

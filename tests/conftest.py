@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -44,3 +45,12 @@ def smollm():
     from mmadapter import load_base
 
     return load_base("smollm2-135m-instruct")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Which CPU kernel families the quantised tests ran under (tests/test_quant_capabilities.py)."""
+    module = sys.modules.get("test_quant_capabilities")
+    if module is not None:
+        terminalreporter.write_line(f"quantised kernels checked under ATEN_CPU_CAPABILITY: "
+                                    f"{', '.join(sorted(set(module.COVERED), key=str))} "
+                                    f"(this CPU runs: {', '.join(module.RUNNABLE)})")

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from mmadapter import AdapterConfig, build_model, load_base
 from mmadapter.gguf_tensor import GGUFTensor
 from mmadapter.llama import Llama
-from mmadapter.quant import (KERNEL_MAX_ROWS, Int4Linear, Int8Linear, bytes_per_token, kernels_available,
-                             resolve_dtype)
+from mmadapter.int4_layout import Int4LayoutError, cpu_capability, layout_for
+from mmadapter.quant import (KERNEL_MAX_ROWS, Int4Linear, Int8Linear, QuantKernelError, bytes_per_token,
+                             kernels_available, resolve_dtype)
 from mmadapter.weights import interleaved_to_half
 
 pytestmark = pytest.mark.skipif(not kernels_available(torch.device("cpu")),
@@ -52,6 +53,45 @@ def test_int4_codes_roundtrip_through_the_kernel_layout():
     # the kernel itself reads what codes() says: x = identity recovers (codes - 8) column by column
     out = layer(torch.eye(96))  # [in, out] = Wᵀ
     assert torch.equal(out.t(), codes.float() - 8)
+
+
+@pytest.mark.parametrize("rows", [32, 96, 192, 64 * 3 + 32])  # whole and partial blocks of every capability
+def test_int4_layout_is_learnt_for_this_cpu(rows):
+    codes = torch.randint(0, 16, (rows, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
+    layer = Int4Linear(codes, torch.ones(rows, 2), torch.zeros(rows, 2))
+    assert torch.equal(layer.codes(0, rows), codes)
+    assert torch.equal(layer.codes(rows - 32, rows), codes[-32:])  # any row range, not only whole blocks
+    assert rel_err(layer.kernel(torch.eye(64, dtype=torch.bfloat16)).t(), codes.float() - 8) == 0
+
+
+def test_an_unrecognised_int4_layout_is_refused(monkeypatch):
+    import mmadapter.int4_layout as int4_layout
+
+    real_pack = int4_layout.pack
+
+    def scrambled(codes):  # bytes in an order no per-row rule describes
+        packed = real_pack(codes)
+        order = torch.randperm(packed.numel(), generator=torch.Generator().manual_seed(0))
+        return packed.reshape(-1)[order].view(packed.shape)
+
+    monkeypatch.setattr(int4_layout, "pack", scrambled)
+    int4_layout._row_placement.cache_clear()
+    try:
+        with pytest.raises(Int4LayoutError, match=f"capability {cpu_capability()}"):
+            layout_for.__wrapped__(48, 32)
+    finally:
+        int4_layout._row_placement.cache_clear()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_kernel_that_disagrees_with_its_weight_is_refused(scheme):
+    torch.manual_seed(0)
+    layer = MAKERS[scheme].from_float(torch.randn(64, 96))
+    layer.check_kernel()  # agrees
+    misread = layer.dequantize
+    layer.dequantize = lambda start, end, dtype: misread(start, end, dtype).flip(-1)  # codes read back wrongly
+    with pytest.raises(QuantKernelError, match=f"capability {cpu_capability()}"):
+        layer.check_kernel()
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
