@@ -54,9 +54,10 @@ bench: $(STAMP)
 demo-weights: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m mmadapter.demo.build --out runs/demo-build --ship
 
-# Accuracy of the shipped demo per question type, beside the ablation (image token zeroed).
+# Accuracy of the shipped demo per question type (the VQA evaluator on shapes:test), beside the ablations
+# (another scene's image, image token zeroed) and the blind best; writes runs/demo-eval/.
 demo-eval: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m mmadapter.demo.evaluate
+	HF_HUB_OFFLINE=1 $(BIN)/python -m mmadapter.demo.evaluate --out runs/demo-eval
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -21,7 +21,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="do not load the shipped shapes-world demo (its small CLIP tower and adapter)")
     p.add_argument("--adapter", default=None, metavar="FILE",
                    help="one more adapter, selected at start: ours, PEFT, LLaMA-Adapter V1 or V2 multimodal (.pth; "
-                        "V2 builds its own CLIP ViT-L/14 tower, or uses --vision)")
+                        "V2 builds its own CLIP ViT-L/14 tower, or uses --vision); shapes-demo: the shipped demo")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
@@ -40,18 +40,22 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def build_service(args: argparse.Namespace):
     from ..adapter_set import AdapterSet, adapter_paths
+    from ..demo import ADAPTER_FILE, DEMO_ADAPTER_NAME, STATUS_NOTE
     from ..model import load_base
 
     from .service import ChatService
 
     model = load_base(args.base, dtype=args.dtype, device=args.device)
     adapters = AdapterSet(model, args.vision)
-    if args.adapter:
+    demo_selected = args.adapter == DEMO_ADAPTER_NAME  # the shipped demo, asked for by its name
+    if demo_selected:
+        adapters.load(ADAPTER_FILE, DEMO_ADAPTER_NAME)
+    elif args.adapter:
         adapters.load(args.adapter)  # asked for by name: a failure stops the start, with its reason
     adapters_dir = Path(args.adapters_dir)
     if adapters_dir.is_dir():
         for path in adapter_paths(adapters_dir):
-            if path.resolve() != Path(args.adapter or "").resolve():
+            if demo_selected or path.resolve() != Path(args.adapter or "").resolve():
                 adapters.try_load(path)
     engine = None
     if args.max_batch > 0:
@@ -59,7 +63,9 @@ def build_service(args: argparse.Namespace):
 
         engine = BatchEngine(model, max_batch=args.max_batch, max_slots=args.max_prompt_tokens + 1024)
     image_adapter, notes = None, []
-    if not args.no_demo:
+    if demo_selected:
+        image_adapter, notes = DEMO_ADAPTER_NAME, [STATUS_NOTE]
+    elif not args.no_demo:
         from ..demo import add_demo_adapter
 
         image_adapter, notes = add_demo_adapter(adapters)

@@ -6,13 +6,15 @@ import argparse
 
 from ..weights import DEFAULT_BASE
 
+DEMO_ADAPTER = "shapes-demo"  # --adapter shapes-demo: the shipped demo tower and adapter (mmadapter.load_demo)
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=DEFAULT_BASE,
                    help=f"base model: embedded name, local dir/.gguf, or hub id (default: {DEFAULT_BASE})")
     p.add_argument("--adapter", default=None,
                    help="adapter to load over the base: ours (.safetensors), PEFT, LLaMA-Adapter V1 or V2 multimodal "
-                        "(.pth; V2 builds its CLIP ViT-L/14 tower)")
+                        f"(.pth; V2 builds its CLIP ViT-L/14 tower), or {DEMO_ADAPTER}: the shipped demo tower + adapter")
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="load an adapter whose base fingerprint differs (same model, other format/quantisation)")
     add_vision_arg(p, "the image tower of a multimodal adapter, when it is not where the adapter file says "
@@ -67,6 +69,15 @@ def load_model(args: argparse.Namespace):
 
     if args.vision is not None and not args.adapter:
         raise ValueError("--vision names the image tower of a multimodal adapter; pass that adapter with --adapter")
+    if args.adapter == DEMO_ADAPTER:
+        from ..demo import load_demo
+
+        if args.vision is not None:
+            raise ValueError(f"--adapter {DEMO_ADAPTER} brings its own tower; drop --vision")
+        model = load_demo(args.base, dtype=args.dtype, device=args.device)
+        if args.compile:
+            model.compile_decoding()
+        return model
     model = load_base(args.base, dtype=args.dtype, device=args.device)
     if args.compile:
         model.compile_decoding()

@@ -1,5 +1,5 @@
 """`mmadapter eval BENCHMARK`: benchmark evaluations. `scienceqa` runs `mmadapter.evaluation.scienceqa`;
-`python eval/scienceqa.py` (from a checkout) is the same command.
+`python eval/scienceqa.py` (from a checkout) is the same command. `vqa`: `mmadapter.commands.eval_vqa`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                 description=SCIENCEQA_DESCRIPTION)
     add_arguments(sqa)
     sqa.set_defaults(func=run)
+    from .eval_vqa import add_vqa_parser
+
+    add_vqa_parser(benchmarks)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

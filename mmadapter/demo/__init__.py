@@ -12,7 +12,7 @@ rebuilt from scratch by `make demo-weights` (mmadapter.demo.build).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..adapter_file import AdapterFileError
 from .registry import ADAPTER_FILE, DEMO_TAG, TOWER_FILE, TOWER_NAME, register_tower_config
@@ -39,9 +39,10 @@ class DemoFileError(AdapterFileError):
     """A shipped demo file is missing or unreadable; the message names it."""
 
 
-def load_demo(base: str | None = None, adapter: str | Path | None = None, tower: str | Path | None = None
-              ) -> MMAdapter:
-    """The embedded base with the shapes-world tower and the demo adapter active."""
+def load_demo(base: str | None = None, adapter: str | Path | None = None, tower: str | Path | None = None,
+              **base_options: Any) -> MMAdapter:
+    """The embedded base with the shapes-world tower and the demo adapter active; `base_options` (dtype,
+    device) go to `load_base`."""
     from ..config import VisionConfig
     from ..model import load_base
     from ..adapter_file import load_adapter
@@ -51,7 +52,7 @@ def load_demo(base: str | None = None, adapter: str | Path | None = None, tower:
     for path, what in ((tower_file, "demo vision tower"), (adapter_file, "demo adapter")):
         if not path.is_file():
             raise DemoFileError(f"the {what} file {path} is missing; {REBUILD}")
-    model = load_base(base) if base else load_base()
+    model = load_base(base, **base_options) if base else load_base(**base_options)
     try:
         model.attach_vision(VisionConfig(model=TOWER_NAME, pretrained=str(tower_file)))
     except (VisionWeightsError, RuntimeError, OSError, ValueError) as e:

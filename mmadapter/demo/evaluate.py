@@ -1,12 +1,15 @@
-"""Accuracy of the demo adapter per question type on the fixed shapes test set, with the ablation.
+"""Accuracy of the demo adapter per question type on the fixed shapes test set, with two ablations.
 
-Greedy decoding, exact match after lower-casing and stripping punctuation. The ablation asks the
-same questions with the image token zeroed (the adapter's prompts alone, no image), which shows how
-much of each answer comes from the image. "Blind best" is the accuracy of always giving the most
-frequent answer of each question template: the best any image-blind answerer can do.
+The questions are `shapes:test` of the VQA evaluator (`mmadapter.evaluation.vqa`): bare questions,
+greedy decoding, exact match after the VQA answer normalisation (lower case, punctuation, number
+words to digits, articles dropped). The ablations ask the same questions with the image of ANOTHER
+scene (a fixed derangement of the test scenes: each question gets the next scene's picture) and
+with no image at all (the image token zeroed: the adapter's prompts alone); they show how much of
+each answer comes from looking at the right picture. "Blind best" is the accuracy of always giving
+the most frequent answer of each question template: the best any image-blind answerer can do.
 
     python -m mmadapter.demo.evaluate                # the shipped demo model, 600 questions per type
-    python -m mmadapter.demo.evaluate --per-kind 100 --adapter runs/demo/adapter.safetensors
+    python -m mmadapter.demo.evaluate --per-kind 100 --adapter runs/demo/adapter.safetensors --out runs/x
 """
 
 from __future__ import annotations
@@ -15,17 +18,18 @@ import argparse
 import json
 import re
 from collections import Counter, defaultdict
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tqdm.auto import tqdm
-
 from ..data import shapes
+from ..evaluation.vqa import answer_text, evaluate_vqa
+from ..evaluation.vqa_data import VQAData, load_shapes_test, with_other_images
 
 if TYPE_CHECKING:
     from ..model import MMAdapter
 
-MAX_NEW_TOKENS = {"caption": 48}  # other kinds: a word or a number
-DEFAULT_MAX_NEW_TOKENS = 6
+ABLATIONS = {"accuracy": "own image", "other_scene": "another scene's image", "ablation": "image token zeroed"}
 
 
 def blind_best(test: list[tuple[int, shapes.QA]]) -> dict[str, float]:
@@ -41,60 +45,56 @@ def blind_best(test: list[tuple[int, shapes.QA]]) -> dict[str, float]:
     return {kind: 100 * hits[kind] / totals[kind] for kind in totals}
 
 
-def answer_all(model: MMAdapter, items: list[tuple[int, shapes.QA]], with_image: bool, batch_size: int = 32,
-               image_size: int = 128, progress: bool = True) -> list[str]:
-    """The model's answers to test items, in order (images rendered at `image_size`)."""
-    answers: list[str] = [""] * len(items)
-    order = sorted(range(len(items)), key=lambda i: items[i][1].kind)  # same max_new_tokens per batch
-    desc = "with image" if with_image else "image token zeroed"
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
-        chunk = order[start:start + batch_size]
-        kinds = {items[i][1].kind for i in chunk}
-        max_new = max(MAX_NEW_TOKENS.get(k, DEFAULT_MAX_NEW_TOKENS) for k in kinds)
-        prompts = [items[i][1].question for i in chunk]
-        images = [shapes.render(shapes.make_scene("test", items[i][0]), image_size) for i in chunk] \
-            if with_image else None
-        for i, text in zip(chunk, model.generate(prompts, image=images, max_new_tokens=max_new)):
-            answers[i] = text
-    return answers
+def first_per_kind(data: VQAData, per_kind: int) -> VQAData:
+    """The first `per_kind` questions of every kind, in test-set order."""
+    seen: Counter = Counter()
+    items = []
+    for item in data.items:
+        if seen[item.category] < per_kind:
+            seen[item.category] += 1
+            items.append(item)
+    return replace(data, items=items)
 
 
 def evaluate(model: MMAdapter, per_kind: int = 600, ablation_per_kind: int | None = None, batch_size: int = 32,
-             progress: bool = True) -> dict[str, Any]:
-    """Accuracy (%) per kind with the image and with the image token zeroed, and the blind best."""
-    test = shapes.test_set(per_kind)
+             progress: bool = True, out: Path | None = None) -> dict[str, Any]:
+    """Accuracy (%) per kind with the own image, another scene's image and no image, and the blind best.
+
+    With `out`, each run keeps its resumable VQA files in out/<own-image|other-scene|no-image>/.
+    """
+    data = load_shapes_test(per_kind)
     ablation_per_kind = per_kind if ablation_per_kind is None else min(ablation_per_kind, per_kind)
-    seen: Counter = Counter()
-    ablation_items = []
-    for item in test:
-        if seen[item[1].kind] < ablation_per_kind:
-            seen[item[1].kind] += 1
-            ablation_items.append(item)
+    ablation_data = first_per_kind(data, ablation_per_kind)
     results: dict[str, Any] = {"per_kind": per_kind, "ablation_per_kind": ablation_per_kind,
-                               "blind_best": blind_best(test)}
-    for name, items, with_image in (("accuracy", test, True), ("ablation", ablation_items, False)):
-        answers = answer_all(model, items, with_image, batch_size, progress=progress)
-        hits: Counter = Counter()
-        totals: Counter = Counter()
-        for (_, qa), got in zip(items, answers):
-            totals[qa.kind] += 1
-            hits[qa.kind] += shapes.normalise_answer(got) == shapes.normalise_answer(qa.answer)
-        results[name] = {kind: 100 * hits[kind] / totals[kind] for kind in shapes.QUESTION_KINDS if totals[kind]}
-        if with_image:
-            results["examples"] = [{"scene": i, "question": qa.question, "answer": qa.answer, "got": got}
-                                   for (i, qa), got in list(zip(items, answers))[:: max(1, len(items) // 24)]]
+                               "blind_best": blind_best(shapes.test_set(per_kind))}
+    runs = (("accuracy", data, True, "own-image"), ("other_scene", with_other_images(ablation_data), True,
+                                                    "other-scene"), ("ablation", ablation_data, False, "no-image"))
+    for name, questions, use_images, folder in runs:
+        answers: dict[str, str] = {}
+        metrics = evaluate_vqa(model, questions, metric="exact", batch_size=batch_size, use_images=use_images,
+                               out=out / folder if out else None, progress=progress,
+                               on_answer=lambda key, text: answers.__setitem__(key, answer_text(text)))
+        results[name] = {kind: metrics["categories"][kind]["score"] for kind in shapes.QUESTION_KINDS
+                         if kind in metrics["categories"]}
+        if name == "accuracy":
+            if out:  # a resumed run answered some questions before: all answers are in its result file
+                answers = {str(a["question_id"]): a["answer"]
+                           for a in json.loads((out / folder / "results.json").read_text(encoding="utf-8"))}
+            results["examples"] = [{"question": item.question, "answer": item.answers[0], "got": answers[item.key]}
+                                   for item in questions.items[::max(1, len(questions.items) // 24)]]
     return results
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """Markdown table: accuracy with the image, with the image token zeroed, and the blind best, per kind."""
-    lines = ["| question type | accuracy | image token zeroed | blind best |", "|---|---:|---:|---:|"]
+    """Markdown table per question type: own image, another scene's image, image token zeroed, blind best."""
+    lines = ["| question type | accuracy | another scene's image | image token zeroed | blind best |",
+             "|---|---:|---:|---:|---:|"]
     for kind in shapes.QUESTION_KINDS:
         if kind in results["accuracy"]:
-            lines.append(f"| {kind} | {results['accuracy'][kind]:.1f}% | {results['ablation'].get(kind, float('nan')):.1f}% "
-                         f"| {results['blind_best'][kind]:.1f}% |")
-    lines.append(f"\n{results['per_kind']} questions per type ({results['ablation_per_kind']} for the ablation), "
-                 "greedy decoding, exact match after lower-casing and stripping punctuation.")
+            cells = [results[name].get(kind) for name in ABLATIONS] + [results["blind_best"][kind]]
+            lines.append(f"| {kind} | " + " | ".join("–" if c is None else f"{c:.1f}%" for c in cells) + " |")
+    lines.append(f"\n{results['per_kind']} questions per type ({results['ablation_per_kind']} for the ablations), "
+                 "greedy decoding, exact match after the VQA answer normalisation.")
     return "\n".join(lines)
 
 
@@ -105,17 +105,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-kind", type=int, default=600)
     parser.add_argument("--ablation-per-kind", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--out", default="runs/demo-eval",
+                        help="folder for results.json, table.md and each run's resumable VQA files "
+                             "(default: runs/demo-eval)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    from ..atomic import atomic_write_text
     from . import load_demo
 
+    out = Path(args.out)
     model = load_demo(adapter=args.adapter, tower=args.tower)
-    results = evaluate(model, args.per_kind, args.ablation_per_kind, args.batch_size)
-    print(format_table(results))
-    if args.json:
-        from ..atomic import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(results, indent=1))
+    results = evaluate(model, args.per_kind, args.ablation_per_kind, args.batch_size, progress=not args.no_progress,
+                       out=out)
+    table = format_table(results)
+    print(table)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    atomic_write_text(out / "table.md", table + "\n")
+    print(f"wrote {out / 'results.json'} and {out / 'table.md'}")
 
 
 if __name__ == "__main__":
