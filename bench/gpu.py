@@ -3,8 +3,8 @@
 Decoding: tokens/s at batch 1 against the HBM bound (weight bytes / measured device bandwidth).
 Training: batch 8 x 512 (or the context, if shorter), every token labelled; model-FLOPs utilisation
 against the card's dense bf16 peak (forward 2N FLOPs per token; backward through the 30 adapted layers
-~2N x 30/32 for activation gradients only — the base is frozen, so no weight gradients). Finishes in a
-few minutes on an H100. Run: `python -m bench --device cuda`; `run("cpu", preset="tiny")` checks the
+~2N x 30/32 for activation gradients only — the base is frozen, so no weight gradients). Not yet
+measured on a GPU. Run: `python -m bench --device cuda`; `run("cpu", preset="tiny")` checks the
 script itself on a CPU.
 """
 
