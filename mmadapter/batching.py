@@ -3,16 +3,17 @@
 One background thread owns a static KV cache with a row per request (up to `max_batch`). A new
 request is prefilled alone into a free row, exactly as it would be decoded alone, then takes part in
 every following one-token step of the whole batch; a finished request frees its row at once. Each row
-keeps its own adapter (prompt K/V with its own image token, gates), sampling settings, random
-generator and stop conditions, so a request gets the tokens it would get alone.
+keeps its own adapter (prompt K/V with its own image tokens: V1's one token in every prompt, or one per
+prompt for visual-query and spatial adapters, already added before the batch sees them), gates, sampling
+settings, random generator and stop conditions, so a request gets the tokens it would get alone.
 
 All rows decode at one shared cache slot (the cursor). A row's prompt sits at slots [0, n) and its
 generated tokens at the cursor's slots, so the slots between are masked out; RoPE positions count a
 row's real tokens only (the key mask), which makes the gap invisible. When the cache would overflow,
 the rows are compacted (their real slots moved to the front, positions unchanged). Rows whose
-adapters cover different layers share a batch (absent layers get a zero gate); adapters with a
-different number of prompts, or another V2 bias/LoRA tuning of the base (which lives in the shared base
-weights), wait until the batch has drained.
+adapters cover different layers share a batch (absent layers get a zero gate), and so do adapters with
+different projectors and the same number of prompts; adapters with a different number of prompts, or another
+V2 bias/LoRA tuning of the base (which lives in the shared base weights), wait until the batch has drained.
 """
 
 from __future__ import annotations

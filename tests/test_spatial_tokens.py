@@ -205,12 +205,16 @@ def test_spatial_and_v1_requests_batch_together_and_get_what_they_get_alone(text
     torch.manual_seed(1)
     v1 = Adapter(AdapterConfig(n_prompts=K, n_layers=3), model.base.config, v1_tower.config, v1_tower.feature_dim)
     v1.use_tower(v1_tower)
+    other_k = Adapter(AdapterConfig(n_prompts=3, n_layers=2), model.base.config, v1_tower.config,
+                      v1_tower.feature_dim)  # another prompt count: waits until the batch drains
+    other_k.use_tower(v1_tower)
     with torch.no_grad():
-        v1.gates.normal_(0, 1, generator=torch.Generator().manual_seed(2))
-        v1.projector.fc2.weight.mul_(20)
+        for adapter in (v1, other_k):
+            adapter.gates.normal_(0, 1, generator=torch.Generator().manual_seed(2))
+            adapter.projector.fc2.weight.mul_(20)
     red, blue = picture("red"), picture("blue", (2, 2, 14, 30))
     requests = [("What color is this?", red, spatial_adapter), ("What color is this?", blue, v1),
-                ("What color is this?", blue, spatial_adapter)]
+                ("What color is this?", blue, spatial_adapter), ("What color is this?", red, other_k)]
     n_new = 24
     alone = [model.generate(p, image, adapter=a, max_new_tokens=n_new) for p, image, a in requests]
     assert alone[0] != alone[2]  # the image changes the spatial adapter's answer: a mix-up would show
@@ -226,13 +230,13 @@ def test_spatial_and_v1_requests_batch_together_and_get_what_they_get_alone(text
     first.start()
     while engine.steps < 1 and first.is_alive():  # the spatial request decodes: the others join its batch
         threading.Event().wait(0.005)
-    others = [threading.Thread(target=run, args=(i,)) for i in (1, 2)]
+    others = [threading.Thread(target=run, args=(i,)) for i in (1, 2, 3)]
     for t in others:
         t.start()
     for t in [first, *others]:
         t.join(timeout=300)
     assert results == alone
-    assert engine.peak_rows >= 2  # decoded together: same K, so nothing had to wait
+    assert engine.peak_rows == 3  # the three with K = 5 decoded together; the K = 3 one after them
 
 
 def test_app_serves_a_spatial_and_a_v1_adapter_from_files(text_base, tower_dir, tmp_path):
