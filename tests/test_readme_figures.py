@@ -3,7 +3,8 @@
 Each entry of FIGURES rebuilds, from `bench/results/*.json` (written by `python -m bench`), the README
 text that quotes a figure — a table row or a phrase — and the test looks for it in the README (whitespace
 collapsed). A README figure that differs from its file, or a result file refreshed without the README, fails
-here. Figures computed from configs (parameter counts, file sizes) are rebuilt from the configs.
+here. Figures computed from configs (parameter counts, file sizes) are rebuilt from the configs, and stated
+limits from the constants that set them.
 """
 
 from __future__ import annotations
@@ -135,13 +136,22 @@ def benchmark_prose() -> list[str]:
         f"{float(matvec['thread split (ours)'][3].split()[0]):.1f} ms, {matvec['oneDNN packed'][4]}: the full read",
         f"for about {head_saving / (1000 / ours) * 100:.0f}% of a token's time",
         f"every weight of the model's shape ({weights_mb},",
+        f"through the {head_mb()} MB head alone", f"a packed head would be a second {head_mb()} MB copy",
         f"(the table above: {ours8:.1f} tokens/s at batch 8 against {ours:.1f} at batch 1 with the adapter, "
         f"{ours8 / ours:.2f}×)",
         f"Measured {date('v2')} (2-core AMD EPYC; `bench/results/v2.json`): bias tuning costs "
         f"{v2['overhead_percent']['V2 bias']:.1f}% over the base (✓), bias + LoRA r16 "
-        f"{v2['overhead_percent']['V2 bias + LoRA r16']:.1f}% (✗)",
+        f"{v2['overhead_percent']['V2 bias + LoRA r16']:.1f}% (✗), in a single run",
         f"a 135M base whose whole token takes {1000 / row('v2', 'mmadapter fp32, base', 1)[2]:.0f} ms",
     ]
+
+
+def head_mb() -> str:
+    """SmolLM2-135M's tied head in fp32, from its preset."""
+    from mmadapter.config import LlamaConfig
+
+    config = LlamaConfig.from_name("smollm2-135m")
+    return f"{config.vocab_size * config.dim * 4 / 1e6:.0f}"
 
 
 def serving() -> list[str]:
@@ -173,9 +183,27 @@ def parameter_counts() -> list[str]:
             f"About {counts['total'] * 4 / 2**20:.1f} MiB for K=10, L={adapter.n_layers} on a 7B base"]
 
 
+def limits() -> list[str]:
+    """Limits the README states, from the constants that set them."""
+    import inspect
+
+    from test_hostile_files import MEMORY_LIMIT_MIB, TIME_LIMIT_S
+
+    from mmadapter.app.ui import UPLOAD_RELEASE_GRACE_S
+    from mmadapter.compiled_step import BackgroundCompile
+    from mmadapter.images import DEFAULT_MAX_PIXELS, MAX_ASPECT_RATIO
+
+    budget = inspect.signature(BackgroundCompile.__init__).parameters["budget_s"].default
+    return [f"over {DEFAULT_MAX_PIXELS // 10**6} megapixels (`max_image_pixels`)",
+            f"a picture longer than {MAX_ASPECT_RATIO}:1 is *cropped* around its centre to {MAX_ASPECT_RATIO}:1",
+            f"A released upload is now deleted {UPLOAD_RELEASE_GRACE_S:.0f} s later (`UPLOAD_RELEASE_GRACE_S`)",
+            f"overruns its budget ({budget:.0f} s)",
+            f"within {TIME_LIMIT_S:.0f} s and {MEMORY_LIMIT_MIB} MiB"]
+
+
 FIGURES: dict[str, Callable[[], list[str]]] = {
     "benchmarks table": table, "benchmarks text": benchmark_prose, "serving": serving,
-    "parameter counts": parameter_counts,
+    "parameter counts": parameter_counts, "limits": limits,
 }
 
 
