@@ -26,6 +26,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 ELSEWHERE = {
     "make demo": "the Makefile itself; the app in tests/test_app.py",
     "python eval/scienceqa.py --adapter": "tests/test_scienceqa_eval.py (CLI and resume)",
+    "mmadapter eval vqa --adapter": "tests/test_vqa_eval.py (every input format, the script, shapes:test, resume)",
     "mmadapter train --base /models/llama-7b": "tests/test_train.py (the scienceqa: source)",
     "mmadapter convert llama_adapter": "tests/test_cli.py (convert and info round trip)",
     "make test": "the Makefile itself",
