@@ -216,6 +216,8 @@ def test_datasets_copy_answers_like_the_same_records(model, tmp_path: Path):
         assert json.loads((tmp_path / f"out-{source.name}" / "results.json").read_text()) == \
             json.loads((tmp_path / "out-records" / "results.json").read_text())
         assert mine["overall"] == theirs["overall"]
+    answers = {r["answer"] for r in json.loads((tmp_path / "out-records" / "results.json").read_text())}
+    assert len(answers) > 1  # the same question about different pictures: the images reach the answers
 
 
 def test_unknown_formats_and_bad_options_are_clear(model, tmp_path: Path):
