@@ -77,7 +77,10 @@ def load_vqa(data: str, *, image_root: str | None = None, annotations: str | Non
              split: str | None = None, limit: int | None = None) -> VQAData:
     """Read `data` (see the module docstring); `limit` keeps the first N questions."""
     if data == SHAPES_TEST or data.startswith(SHAPES_TEST + ":"):
-        loaded = load_shapes_test(int(data.split(":")[2]) if data.count(":") == 2 else 600)
+        per_kind = data.removeprefix(SHAPES_TEST).removeprefix(":") or "600"
+        if not per_kind.isdigit() or int(per_kind) < 1:
+            raise VQADataError(f"{data}: write {SHAPES_TEST} (600 questions per type) or {SHAPES_TEST}:N (N per type)")
+        loaded = load_shapes_test(int(per_kind))
     else:
         path = Path(data).expanduser()
         if not path.exists():
@@ -164,7 +167,7 @@ def _record_item(row: Any, root: Path | None) -> tuple[VQAItem | None, str | Non
         image, missing = resolved, not resolved.is_file()
     elif isinstance(image, dict) and isinstance(image.get("bytes"), bytes):  # a `datasets` Image not decoded
         image = image["bytes"]  # decoded when used, like a path
-    elif image is not None and not hasattr(image, "convert"):  # neither a path nor a PIL image
+    elif image is not None and not hasattr(image, "convert") and not callable(image):  # no path, PIL image or loader
         return None, "malformed"
     key = str(row.get("image_id", image if isinstance(image, Path) else qid))
     return VQAItem(qid, row["question"], answers, image or None, str(category) if category is not None else None,
@@ -220,7 +223,17 @@ def _from_datasets(path: Path, root: Path) -> VQAData:
     if missing or not {"question_id", "id"} & set(table.column_names):
         raise VQADataError(f"{path} has columns {table.column_names}; a VQA copy needs question_id, question, "
                            "image and answers or answer (category optional)")
-    return _from_records(list(table), root, str(path), "datasets")
+    lazy = isinstance(table.features.get("image"), datasets.Image)  # decoded on use, not all held in memory
+    rows = table.remove_columns("image") if lazy else table
+    return _from_records([{**row, "image": _dataset_image(table, i)} if lazy else row for i, row in enumerate(rows)],
+                         root, str(path), "datasets")
+
+
+def _dataset_image(table: Any, index: int) -> Callable[[], Any]:
+    def decode() -> Any:
+        return table[index]["image"]
+
+    return decode
 
 
 # ----------------------------------------------------------------------------------------------
