@@ -228,3 +228,31 @@ def test_a_changed_result_fails(monkeypatch):
 
 def original_result(name: str) -> dict[str, Any]:
     return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def test_the_prefix_cache_ideal_is_the_arithmetic_of_its_tokens(smollm):
+    """The README's FLOP estimate behind "an ideal 1.89×": the benchmark's 64 records through the embedded
+    base's tokenizer and template, each layer's weights 2 FLOPs per token plus causal attention, the tied head
+    forward and backward over the labelled tokens; 22 frozen and 8 adapted layers."""
+    from bench.prefix_cache import records
+
+    from mmadapter.data.encode import encode_dataset
+    from mmadapter.data.records import read_records
+
+    examples, _ = read_records(records(64), REPO)
+    encoded, stats = encode_dataset(examples, smollm.tokenizer, smollm.template, 512, progress=False)
+    c = smollm.base.config
+    weights = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + 3 * c.dim * c.ffn_dim
+    layer = round((2 * weights * stats.tokens + 2 * c.dim * sum(len(e) ** 2 for e in encoded)) / 1e9)
+    head = round(4 * c.vocab_size * c.dim * stats.label_tokens / 1e9, -1)
+    frozen = c.n_layers - 8
+    first, later = frozen * layer + 8 * layer * 2 + head, 8 * layer * 2 + head
+    snippets = [f"about {layer} GFLOP per layer forward ({stats.tokens:,} tokens), so epoch 1 is {frozen} × {layer} "
+                f"(frozen) + 8 × {layer} × 2 (adapted, forward and backward) + {head:.0f} (the tied "
+                f"{c.vocab_size // 1000}k-vocabulary head, forward and backward over {stats.label_tokens:,} labelled "
+                f"tokens) ≈ {round(first, -1):,.0f} GFLOP, and a later epoch ≈ {round(later, -1):,.0f}: at most "
+                f"{first / later:.2f}×",
+                f"of an ideal {first / later:.2f}×**"]
+    text = readme_text()
+    missing = [s for s in snippets if " ".join(s.split()) not in text]
+    assert not missing, "README differs from the recomputed estimate; expected, verbatim:\n" + "\n".join(missing)
