@@ -289,6 +289,16 @@ def test_other_images_are_a_derangement_of_the_scenes():
     assert not np.array_equal(*pixels)
 
 
+def test_shapes_pictures_of_the_next_scene():
+    from mmadapter.data import shapes
+    from mmadapter.evaluation.vqa_data import load_shapes_test
+
+    shifted = load_shapes_test(1, image_shift=1)  # one question per type: all about scene 0
+    assert {item.image_key for item in shifted.items} == {"scene-0"} and "scene i+1" in shifted.source
+    want = np.asarray(shapes.render(shapes.make_scene("test", 1), 128))
+    assert all(np.array_equal(np.asarray(read_image(item)), want) for item in shifted.items)
+
+
 def test_adapter_shapes_demo_in_chat_and_serve(capsys):
     assert main(["chat", "--adapter", "shapes-demo", "--once", "What color is this shape?", "--image",
                  str(REPO / "mmadapter" / "app" / "examples" / "red_circle.png"), "--max-new-tokens", "4"]) == 0

@@ -3,7 +3,7 @@
 The questions are `shapes:test` of the VQA evaluator (`mmadapter.evaluation.vqa`): bare questions,
 greedy decoding, exact match after the VQA answer normalisation (lower case, punctuation, number
 words to digits, articles dropped). The ablations ask the same questions with the image of ANOTHER
-scene (a fixed derangement of the test scenes: each question gets the next scene's picture) and
+scene (a fixed derangement: a question about test scene i gets the picture of scene i + 1) and
 with no image at all (the image token zeroed: the adapter's prompts alone); they show how much of
 each answer comes from looking at the right picture. "Blind best" is the accuracy of always giving
 the most frequent answer of each question template: the best any image-blind answerer can do.
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..data import shapes
 from ..evaluation.vqa import answer_text, evaluate_vqa
-from ..evaluation.vqa_data import VQAData, load_shapes_test, with_other_images
+from ..evaluation.vqa_data import VQAData, load_shapes_test
 
 if TYPE_CHECKING:
     from ..model import MMAdapter
@@ -67,8 +67,9 @@ def evaluate(model: MMAdapter, per_kind: int = 600, ablation_per_kind: int | Non
     ablation_data = first_per_kind(data, ablation_per_kind)
     results: dict[str, Any] = {"per_kind": per_kind, "ablation_per_kind": ablation_per_kind,
                                "blind_best": blind_best(shapes.test_set(per_kind))}
-    runs = (("accuracy", data, True, "own-image"), ("other_scene", with_other_images(ablation_data), True,
-                                                    "other-scene"), ("ablation", ablation_data, False, "no-image"))
+    other_scene = first_per_kind(load_shapes_test(per_kind, image_shift=1), ablation_per_kind)
+    runs = (("accuracy", data, True, "own-image"), ("other_scene", other_scene, True, "other-scene"),
+            ("ablation", ablation_data, False, "no-image"))
     for name, questions, use_images, folder in runs:
         answers: dict[str, str] = {}
         metrics = evaluate_vqa(model, questions, metric="exact", batch_size=batch_size, use_images=use_images,

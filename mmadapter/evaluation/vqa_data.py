@@ -317,14 +317,19 @@ def load_mme(path: Path) -> VQAData:
 # The shapes demo's test set
 
 
-def load_shapes_test(per_kind: int = 600) -> VQAData:
-    """`shapes.test_set(per_kind)`: bare questions (as the demo adapter was trained), images rendered on use."""
+def load_shapes_test(per_kind: int = 600, image_shift: int = 0) -> VQAData:
+    """`shapes.test_set(per_kind)`: bare questions (as the demo adapter was trained), images rendered on use.
+
+    image_shift: each question about scene i gets the picture of test scene i + image_shift instead (1: a
+    fixed derangement, the picture of ANOTHER scene, however few scenes the set spans).
+    """
     items = []
     for number, (scene, qa) in enumerate(shapes.test_set(per_kind)):
-        items.append(VQAItem(f"shapes-test-{number}", qa.question, (qa.answer,), _scene_image(scene), qa.kind,
-                             f"scene-{scene}", max_new_tokens=SHAPES_MAX_NEW_TOKENS.get(qa.kind,
-                                                                                         SHAPES_SHORT_ANSWER_TOKENS)))
-    return VQAData(items, SHAPES_TEST if per_kind == 600 else f"{SHAPES_TEST}:{per_kind}", "shapes",
+        items.append(VQAItem(f"shapes-test-{number}", qa.question, (qa.answer,), _scene_image(scene + image_shift),
+                             qa.kind, f"scene-{scene}",
+                             max_new_tokens=SHAPES_MAX_NEW_TOKENS.get(qa.kind, SHAPES_SHORT_ANSWER_TOKENS)))
+    source = SHAPES_TEST if per_kind == 600 else f"{SHAPES_TEST}:{per_kind}"
+    return VQAData(items, source + (f" (pictures of scene i+{image_shift})" if image_shift else ""), "shapes",
                    default_instruction=False)
 
 
