@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
-from test_train import (COLOURS, draw_picture, instruction_records, make_text_base, make_tower_dir,  # noqa: F401
+from test_train import (COLOURS, draw_picture, make_text_base, make_tower_dir,  # noqa: F401 (one_thread: autouse)
                         one_thread, quick_config, subprocess_env)
 
 from mmadapter import AdapterConfig, VisionConfig
