@@ -248,7 +248,7 @@ class TrainConfig:
                                     "conversations; optional \"image\" paths) or scienceqa:<dir>")
     eval_data: str | None = option(None, "held-out data (same forms); its loss is logged after every epoch")
     image_root: str | None = option(None, "folder that relative image paths start from (default: the data file's)")
-    template: str | None = option(None, "prompt template: alpaca, chat or plain (default: the model's)")
+    template: str | None = option(None, "prompt template: alpaca, chat, chat-short (no default system prompt) or plain (default: the model's)")
     max_seq_len: int = option(512, "longer samples are truncated (and counted)")
     scienceqa_format: str = option("QCM-A", "ScienceQA prompt format: QCM-A, QCM-ALE, CQM-A, CQM-ALE")
     scienceqa_split: str = option("train", "ScienceQA split used for training")

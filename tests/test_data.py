@@ -105,7 +105,18 @@ def test_chat_prompt_is_the_generation_prompt(tokenizer):
     assert expected.endswith("<|im_start|>assistant\n")
 
 
-@pytest.mark.parametrize("name", ["alpaca", "chat", "plain"])
+def test_short_chat_leaves_out_the_default_system_prompt(tokenizer):
+    messages = [{"role": "system", "content": ""}, {"role": "user", "content": "What color is the square?"}]
+    short = get_template("chat-short").prompt("What color is the square?", tokenizer=tokenizer)
+    assert short == tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    full = get_template("chat").prompt("What color is the square?", tokenizer=tokenizer)
+    assert "You are a helpful" in full and "You are a helpful" not in short
+    assert len(tokenizer.encode(short, bos=False)) == 20 < len(tokenizer.encode(full, bos=False)) == 36
+    segments = get_template("chat-short").render(CONVERSATION, tokenizer)
+    assert [s.text for s in segments if s.loss] == [assistant + "<|im_end|>" for _, assistant in CONVERSATION]
+
+
+@pytest.mark.parametrize("name", ["alpaca", "chat", "chat-short", "plain"])
 def test_inference_prompt_is_a_prefix_of_the_training_text(name, tokenizer):
     template = get_template(name)
     training = "".join(s.text for s in template.render(CONVERSATION, tokenizer, input="ctx"))
