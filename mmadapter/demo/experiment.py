@@ -1,0 +1,249 @@
+"""Learning-curve experiments for the demo adapter: how fast each setting learns, per question kind.
+
+Trains a fresh adapter over the shipped shapes tower on questions of the chosen kinds and scores held-out
+questions ("val" scenes) every `--every` steps, so settings are compared by accuracy against question
+presentations, minutes per experiment instead of a whole build. Cheap by construction: tower features
+are computed once per scene, the frozen layers below the adapter once per distinct token sequence, and
+answers are scored by the first answer token's log-probability among the kind's possible answers (one
+forward pass, no decoding; caption questions are left out for that reason).
+
+    python -m mmadapter.demo.experiment --kinds position --projector spatial --steps 600 --out runs/exp/pos
+
+Writes curve.json ({"settings", "points": [{"step", "presentations", "seconds", "loss", "accuracy"}]})
+and curve.png in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_write_text
+from ..data import shapes
+
+SCORED_KINDS = tuple(k for k in shapes.QUESTION_KINDS if k != "caption")
+
+
+@dataclass
+class Experiment:
+    kinds: tuple[str, ...] = ("position",)
+    projector: str = "spatial"  # mlp (V1, one token), spatial, visual-query
+    spatial_grid: int | None = None  # None: one token per patch
+    n_prompts: int = 10  # for mlp; spatial/visual-query use the token count
+    n_layers: int = 16
+    template: str = "chat-short"
+    tower: str = "ShapesCLIP-64:shapes-demo"
+    steps: int = 600
+    every: int = 100
+    batch_size: int = 16
+    lr: float = 5e-3
+    gate_lr_scale: float = 1.0  # the gates' learning rate relative to lr
+    projector_lr_scale: float = 1.0
+    warmup_steps: int = 50
+    train_scenes: int = 2000
+    questions_per_kind: int = 3  # per scene and kind
+    eval_per_kind: int = 200
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_experiment_model(e: Experiment) -> Any:
+    """The embedded base with the experiment's tower and a fresh adapter (K = the image token count
+    for token projectors)."""
+    import mmadapter
+    from ..spatial_tokens import spatial_token_count
+
+    model_name, _, weights = e.tower.partition(":")
+    vision = mmadapter.VisionConfig(model=model_name, pretrained=weights or None, projector=e.projector,
+                                    spatial_grid=e.spatial_grid)
+    model = mmadapter.load_base("smollm2-135m-instruct")
+    tower = model.attach_vision(vision)
+    n_prompts = e.n_prompts
+    if e.projector == "spatial":
+        n_prompts = spatial_token_count(tower.config, tower.feature_dim)[0]
+    model.add_adapter(mmadapter.AdapterConfig(n_prompts=n_prompts, n_layers=e.n_layers), seed=e.seed)
+    model.adapter.template = e.template
+    return model
+
+
+@dataclass
+class Questions:
+    """Encoded questions of some scenes: token ids, where the answer starts, and the scene of each."""
+
+    tokens: list[list[int]]  # prompt + answer + end of turn
+    answer_at: list[int]  # index of the first answer token
+    scene: list[int]  # row of the scene's features
+    kind: list[str]
+    answer: list[str]
+
+
+def make_questions(model: Any, split: str, n_scenes: int, kinds: tuple[str, ...], per_kind: int,
+                   seed: int) -> tuple[Questions, list[Any]]:
+    """Questions of the given kinds about scenes 0..n_scenes-1 of a split, and the scenes' pictures
+    (training-style renderings: sizes 64-192, tints, noise, JPEG)."""
+    q = Questions([], [], [], [], [])
+    images = []
+    for index in range(n_scenes):
+        scene = shapes.make_scene(split, index)
+        rng = np.random.default_rng([shapes.SPLIT_SEEDS[split], index, seed])
+        images.append(shapes.render_varied(scene, rng))
+        for qa in shapes.pick_questions(scene, rng, per_kind=per_kind):
+            if qa.kind not in kinds:
+                continue
+            prompt = model.prompt_ids(qa.question, template=model.adapter.template)
+            reply = model.tokenizer.encode(qa.answer + "<|im_end|>", bos=False)
+            q.tokens.append(prompt + reply)
+            q.answer_at.append(len(prompt))
+            q.scene.append(index)
+            q.kind.append(qa.kind)
+            q.answer.append(qa.answer)
+    return q, images
+
+
+def tower_features(model: Any, images: list[Any], batch_size: int = 64) -> torch.Tensor:
+    """[N, F] features of every picture, computed once."""
+    rows = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(images), batch_size), desc="tower features", leave=False):
+            batch = images[start:start + batch_size]
+            rows.append(model.vision(model.vision.preprocess_batch(batch)))
+    return torch.cat(rows)
+
+
+def padded(sequences: list[list[int]]) -> torch.Tensor:
+    width = max(map(len, sequences))
+    return torch.tensor([s + [0] * (width - len(s)) for s in sequences])  # right padding: causal layers ignore it
+
+
+class PrefixStore:
+    """The frozen layers' output per distinct token sequence (questions repeat across scenes)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.rows = model, {}
+
+    def batch(self, sequences: list[list[int]]) -> torch.Tensor:
+        missing = sorted({tuple(s) for s in sequences} - self.rows.keys())
+        if missing:
+            with torch.no_grad():
+                hidden = self.model.frozen_prefix(padded([list(s) for s in missing]))  # [M, T, C]
+            for s, h in zip(missing, hidden):
+                self.rows[s] = h[:len(s)]
+        width = max(map(len, sequences))
+        out = torch.zeros(len(sequences), width, self.model.base.config.dim)
+        for i, s in enumerate(sequences):
+            out[i, :len(s)] = self.rows[tuple(s)]
+        return out
+
+
+def score(model: Any, q: Questions, features: torch.Tensor, candidates: dict[str, list[str]],
+          batch_size: int = 64) -> dict[str, float]:
+    """Accuracy (%) per kind: the answer whose first token is most likely after the prompt."""
+    first = {kind: [model.tokenizer.encode(a, bos=False)[0] for a in answers] for kind, answers in candidates.items()}
+    hits: dict[str, list[int]] = {}
+    with torch.no_grad():
+        for start in range(0, len(q.tokens), batch_size):
+            rows = range(start, min(start + batch_size, len(q.tokens)))
+            prompts = [q.tokens[i][:q.answer_at[i]] for i in rows]
+            feats = features[[q.scene[i] for i in rows]]
+            logits = model(padded(prompts), feats, torch.ones(len(prompts), dtype=torch.bool))  # [B, T, V]
+            for j, i in enumerate(rows):
+                last = logits[j, len(prompts[j]) - 1]
+                options = candidates[q.kind[i]]
+                best = options[int(last[first[q.kind[i]]].argmax())]
+                hits.setdefault(q.kind[i], []).append(int(best == q.answer[i]))
+    return {kind: 100 * float(np.mean(v)) for kind, v in sorted(hits.items())}
+
+
+def run(e: Experiment, out: Path, progress: bool = True) -> dict[str, Any]:
+    torch.manual_seed(e.seed)
+    model = build_experiment_model(e)
+    train_q, train_images = make_questions(model, "train", e.train_scenes, e.kinds, e.questions_per_kind, e.seed)
+    eval_scenes = max(1, e.eval_per_kind)  # one question per kind per scene at most
+    eval_q, eval_images = make_questions(model, "val", eval_scenes, e.kinds, 1, e.seed + 1)
+    candidates: dict[str, list[str]] = {}
+    for kind, answer in zip(train_q.kind + eval_q.kind, train_q.answer + eval_q.answer):
+        candidates.setdefault(kind, [])
+        if answer not in candidates[kind]:
+            candidates[kind].append(answer)
+    train_features, eval_features = tower_features(model, train_images), tower_features(model, eval_images)
+    prefix = PrefixStore(model)
+    adapter = model.adapter
+    groups = {"gates": [adapter.gates], "projector": list(adapter.projector.parameters()),
+              "prompts": [p for n, p in adapter.named_parameters() if not n.startswith(("gates", "projector"))]}
+    scale = {"gates": e.gate_lr_scale, "projector": e.projector_lr_scale, "prompts": 1.0}
+    optimizer = torch.optim.AdamW([{"params": ps, "lr": e.lr * scale[g], "base_lr": e.lr * scale[g],
+                                    "weight_decay": 0.0 if g == "gates" else 0.02} for g, ps in groups.items()],
+                                  betas=(0.9, 0.95))
+    order = np.random.default_rng(e.seed).permutation(len(train_q.tokens))
+    points: list[dict[str, Any]] = []
+    t0, losses, cursor = time.time(), [], 0
+
+    def record(step: int) -> None:
+        accuracy = score(model, eval_q, eval_features, candidates)
+        points.append({"step": step, "presentations": step * e.batch_size, "seconds": round(time.time() - t0, 1),
+                       "loss": float(np.mean(losses[-e.every:])) if losses else None, "accuracy": accuracy,
+                       "gate_max": float(adapter.gates.detach().tanh().abs().max())})
+        if progress:
+            print(json.dumps(points[-1]))
+
+    record(0)
+    for step in tqdm(range(1, e.steps + 1), desc="steps", disable=not progress):
+        if cursor + e.batch_size > len(order):
+            order, cursor = np.random.default_rng(e.seed + step).permutation(len(train_q.tokens)), 0
+        rows = order[cursor:cursor + e.batch_size]
+        cursor += e.batch_size
+        sequences = [train_q.tokens[i] for i in rows]
+        tokens = padded(sequences)
+        labels = torch.full_like(tokens, -100)
+        for j, i in enumerate(rows):
+            labels[j, train_q.answer_at[i]:len(sequences[j])] = tokens[j, train_q.answer_at[i]:len(sequences[j])]
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * min(1.0, step / max(1, e.warmup_steps))
+        loss = model.loss(tokens, labels, train_features[[train_q.scene[i] for i in rows]],
+                          torch.ones(len(rows), dtype=torch.bool), prefix=prefix.batch(sequences))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if step % e.every == 0 or step == e.steps:
+            record(step)
+    result = {"settings": asdict(e), "train_questions": len(train_q.tokens), "points": points}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "curve.json", json.dumps(result, indent=1))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults = Experiment()
+    for name, value in asdict(defaults).items():
+        if name == "extra":
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name == "kinds":
+            parser.add_argument(flag, default=",".join(value), help=f"comma-separated, of {', '.join(SCORED_KINDS)}")
+        elif name == "spatial_grid":
+            parser.add_argument(flag, type=int, default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    parser.add_argument("--out", required=True)
+    args = vars(parser.parse_args(argv))
+    out = Path(args.pop("out"))
+    args["kinds"] = tuple(k for k in args["kinds"].split(",") if k)
+    unknown = set(args["kinds"]) - set(SCORED_KINDS)
+    if unknown:
+        parser.error(f"unknown kinds {sorted(unknown)}; use {', '.join(SCORED_KINDS)}")
+    run(Experiment(**args), out)
+
+
+if __name__ == "__main__":
+    main()
