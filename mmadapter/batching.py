@@ -2,7 +2,13 @@
 
 One background thread owns a static KV cache with a row per request (up to `max_batch`). A new
 request is prefilled alone into a free row, exactly as it would be decoded alone, then takes part in
-every following one-token step of the whole batch; a finished request frees its row at once. Each row
+every following one-token step of the whole batch; a finished request frees its row at once.
+
+Two things keep a new request from stalling the others. Its prompt is prefilled in chunks of
+`prefill_chunk` tokens, one chunk between two decoding steps of the running batch (a long chat history no
+longer holds everyone for its whole length). And with `reuse_mb` > 0, the K/V of the longest prefix a
+finished request shares with it (same base, adapter and image: prefix_reuse.py) is copied in rather than
+computed, so a conversation's next turn prefills only its new tokens. Each row
 keeps its own adapter (prompt K/V with its own image tokens: V1's one token in every prompt, or one per
 prompt for visual-query and spatial adapters, already added before the batch sees them), gates, sampling
 settings, random generator and stop conditions, so a request gets the tokens it would get alone.
@@ -29,8 +35,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .generate import Sampling, decode_one_token, prefill, sample, text_pieces
+from .generate import Sampling, decode_one_token, sample, text_pieces
 from .llama import AdapterKV, DecodeStep, KVCache
+from .prefix_reuse import Context, PrefixReuse, request_context
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -55,6 +62,10 @@ class _Request:
     row: int = -1
     generated: int = 0
     next_token: int = 0
+    emitted: list[int] = field(default_factory=list)  # the tokens handed out so far
+    prefilled: int = 0  # prompt tokens whose K/V are in the row (copied from the reuse cache or computed)
+    decoding: bool = False  # the prompt is in: the row takes part in the batch's steps
+    context: Context | None = None  # what its K/V depend on besides the tokens (None: not reusable)
 
     @property
     def n_prompts(self) -> int | None:
@@ -69,9 +80,17 @@ class _Request:
 class BatchEngine:
     """Decode many requests together. `submit` token ids or `stream` text, from any number of threads."""
 
-    def __init__(self, model: MMAdapter, max_batch: int = 8, max_slots: int | None = None) -> None:
+    def __init__(self, model: MMAdapter, max_batch: int = 8, max_slots: int | None = None,
+                 prefill_chunk: int = 64, reuse_mb: float = 0.0) -> None:
+        """prefill_chunk: prompt tokens prefilled between two decoding steps (0: a whole prompt at once);
+        reuse_mb: memory for the K/V of finished requests that later ones may start from (0: none)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0 (0: whole prompts), got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        self.reuse = PrefixReuse(reuse_mb) if reuse_mb > 0 else None
+        self._prefilling: deque[_Request] = deque()  # rows holding a prompt not yet fully prefilled, FIFO
         self.model, self.base, self.max_batch = model, model.base, max_batch
         self.capacity = min(max_slots or self.base.config.max_seq_len, self.base.config.max_seq_len)
         self._pending: deque[_Request] = deque()
@@ -86,6 +105,7 @@ class BatchEngine:
         self._kv_stale = True
         self.peak_rows = 0  # most requests decoded together so far (for tests and benchmarks)
         self.steps = 0
+        self.events: list[tuple[str, int]] | None = None  # set to [] to record ("chunk"/"step", row) in order
         self._thread = threading.Thread(target=self._run, name="mmadapter-batching", daemon=True)
         self._thread.start()
 
@@ -145,11 +165,13 @@ class BatchEngine:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._pending and not self._active():
+                while not self._pending and not self._held():
                     self._wake.wait()
                 arrivals = self._admissible()
             for request in arrivals:
                 self._admit(request)
+            if self._prefilling:
+                self._prefill_chunk()  # one chunk, then a step of the running rows
             try:
                 if self._active():
                     self._step()
@@ -159,11 +181,16 @@ class BatchEngine:
                     self._finish(request, e)
 
     def _active(self) -> list[_Request]:
+        """The rows that decode: their prompt is in."""
+        return [r for r in self._rows if r is not None and r.decoding]
+
+    def _held(self) -> list[_Request]:
+        """Every row in use: decoding, or still being prefilled."""
         return [r for r in self._rows if r is not None]
 
     def _admissible(self) -> list[_Request]:
         """Pending requests that fit now (free rows, same prompt count, enough slots), in arrival order."""
-        active = self._active()
+        active = self._held()
         free = self.max_batch - len(active)
         n_prompts = {r.n_prompts for r in active if r.n_prompts is not None}
         admitted, cursor = [], self._cursor if active else 0
@@ -192,7 +219,7 @@ class BatchEngine:
         return admitted
 
     def _admit(self, request: _Request) -> None:
-        """Prefill the request alone into a free row; its first token comes from the prefill."""
+        """Give the request a free row, with the K/V of its longest reusable prefix; `_prefill_chunk` does the rest."""
         try:
             with torch.inference_mode():
                 features, has_image = self.model.image_features([request.image], request.adapter)
@@ -201,17 +228,20 @@ class BatchEngine:
                 if request.sampling.max_new_tokens == 0:
                     request.out.put(_END)
                     return
-                rows = self._active() + [request]
+                rows = self._held() + [request]
                 if max(self._cursor, n) + _remaining(rows) > self.capacity:
                     self._compact()
-                self._cursor = max(self._cursor, n)
+                self._cursor = max(self._cursor, n)  # decoding writes past every held prompt
                 row = next((i for i, r in enumerate(self._rows) if r is None), len(self._rows))
                 self._reserve(row + 1, self._cursor + _remaining(rows))
-                caches = [KVCache(c.k[row:row + 1], c.v[row:row + 1]) for c in self._caches]
-                tokens = torch.tensor([request.ids], dtype=torch.long, device=self._storage.device)
-                logits = prefill(self.base, tokens, caches, None, request.kv)  # [1, V], as when decoded alone
                 self._key_mask[row] = False
-                self._key_mask[row, :n] = True
+                if self.reuse is not None:
+                    request.context = request_context(self.base, request.adapter, features)
+                if request.context is not None:
+                    m, kv = self.reuse.lookup(request.context, request.ids)  # kv [2, L, G, m, d]
+                    if m:
+                        self._storage[:, :, row, :, :m] = kv
+                        request.prefilled = m
         except Exception as e:  # noqa: BLE001 - a bad request (image, settings) fails alone
             request.out.put(e)
             return
@@ -220,6 +250,35 @@ class BatchEngine:
             self._rows.append(request)
         else:
             self._rows[row] = request
+        self._prefilling.append(request)
+
+    def _prefill_chunk(self) -> None:
+        """Prefill the next chunk of the oldest waiting prompt; its last chunk makes the row decode."""
+        request = self._prefilling[0]
+        n, start = len(request.ids), request.prefilled
+        end = n if self.prefill_chunk == 0 else min(n, start + self.prefill_chunk)
+        try:
+            if request.cancelled.is_set():
+                raise _Cancelled
+            with torch.inference_mode():
+                row, device = request.row, self._storage.device
+                caches = [KVCache(c.k[row:row + 1], c.v[row:row + 1]) for c in self._caches]
+                tokens = torch.tensor([request.ids[start:end]], dtype=torch.long, device=device)
+                positions = torch.arange(start, end, device=device)  # slots = positions: the prompt starts at 0
+                hidden = self.base(tokens, input_pos=positions, cache=caches, adapter=request.kv)  # [1, T, C]
+                request.prefilled = end
+                if self.events is not None:
+                    self.events.append(("chunk", row))
+                if end < n:
+                    return
+                logits = self.base.head(hidden[:, -1])  # [1, V]
+                self._key_mask[row, :n] = True
+        except Exception as e:  # noqa: BLE001 - this request fails alone (or was abandoned); the batch goes on
+            self._prefilling.popleft()
+            self._finish(request, _END if isinstance(e, _Cancelled) else e)
+            return
+        self._prefilling.popleft()
+        request.decoding = True
         self._kv_stale = True
         self.peak_rows = max(self.peak_rows, len(self._active()))
         self._emit(request, logits[0])
@@ -240,6 +299,8 @@ class BatchEngine:
                                       self._batch_kv, self._decode_step)  # [R, V]
         self._cursor += 1
         self.steps += 1
+        if self.events is not None:
+            self.events += [("step", r.row) for r in self._active()]
         for request in self._active():
             self._emit(request, logits[request.row])
 
@@ -249,18 +310,30 @@ class BatchEngine:
             token = int(sample(logits[None], request.sampling, request.generator)[0])
         request.generated += 1
         request.next_token = token
+        request.emitted.append(token)
         request.out.put(token)
         eos = token in self.model.tokenizer.eos_ids if self.model.tokenizer is not None else False
         if eos or request.generated >= request.sampling.max_new_tokens or request.cancelled.is_set():
             self._finish(request, _END)
 
     def _finish(self, request: _Request, last: Any) -> None:
+        if last is _END and request.decoding and request.context is not None:
+            self._keep(request)
         request.out.put(last)
         if 0 <= request.row < len(self._rows) and self._rows[request.row] is request:
             self._rows[request.row] = None
             self._kv_stale = True
-        if not self._active():  # drained: give the cache's memory back
+        if not self._held():  # drained: give the cache's memory back
             self._rows, self._storage, self._caches, self._key_mask, self._cursor = [], None, [], None, 0
+
+    def _keep(self, request: _Request) -> None:
+        """Store the K/V of the request's prompt and of the generated tokens it fed back, for later turns."""
+        with torch.inference_mode():
+            slots = self._key_mask[request.row].nonzero().squeeze(1)  # [n]: its real slots, in order
+            fed = slots.numel() - len(request.ids)  # the last emitted token was never fed back
+            kv = self._storage[:, :, request.row][:, :, :, slots]  # [2, L, G, n, d]: a copy (indexed)
+            self.reuse.store(request.context, request.ids + request.emitted[:fed], kv, len(request.ids))
+        log.debug("prefix reuse: %s", self.reuse.stats())
 
     # ------------------------------------------------------------------------------------------
     # the cache and the batch's prompt K/V
@@ -291,7 +364,7 @@ class BatchEngine:
             self._key_mask[request.row] = False
             self._key_mask[request.row, :n] = True
             longest = max(longest, n)
-        self._cursor = longest
+        self._cursor = max([longest] + [len(r.ids) for r in self._prefilling])  # still past held prompts
 
     def _build_batch_kv(self) -> AdapterKV | None:
         """Per-row prompt K/V [R, G, K, d] and gates [L, R, H] (zero for rows without that layer)."""
@@ -314,6 +387,10 @@ class BatchEngine:
                     gates[layer - first, request.row] = request.kv.gates[j]
             kv.append((pk, pv))
         return AdapterKV(first, kv, gates)
+
+
+class _Cancelled(Exception):
+    """The consumer went away before the prompt was in."""
 
 
 def _remaining(requests: Sequence[_Request]) -> int:

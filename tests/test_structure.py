@@ -14,7 +14,7 @@ LAYERS = [
     ("foundation", ["config", "matvec", "atomic", "safe_io", "images", "loss", "distributed", "stop_signals", "plot",
                     "data.templates", "data.records", "data.shapes",
                     "demo.registry"]),
-    ("pieces", ["llama", "tuning", "visual_query", "spatial_tokens", "int4_layout", "tokenizer", "gguf_tensor", "vision", "feature_cache", "prefix_cache", "data.encode",
+    ("pieces", ["llama", "tuning", "prefix_reuse", "visual_query", "spatial_tokens", "int4_layout", "tokenizer", "gguf_tensor", "vision", "feature_cache", "prefix_cache", "data.encode",
                 "data.scienceqa"]),
     ("adapter, loaders, decoding", ["adapter", "quant", "weights", "generate", "compiled_step"]),
     ("the composed model", ["model", "adapter_file"]),
