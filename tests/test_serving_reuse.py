@@ -193,3 +193,28 @@ def test_requests_sharing_the_template_s_first_part_reuse_it(setup):
         model.generate("Name an animal.", max_new_tokens=NEW)
     assert engine.reuse.reused_tokens == shared and engine.reuse.hits == 1
     assert len(engine.reuse) == 2  # neither extends the other: both kept
+
+
+def test_the_app_status_reports_the_reuse_budget_and_its_use(setup, tmp_path, monkeypatch):
+    import argparse
+
+    import mmadapter.model
+    from mmadapter.app.serve import add_serve_args, build_service
+
+    model, _ = setup
+    monkeypatch.setattr(mmadapter.model, "load_base", lambda *args, **kw: model)  # the tiny base, whatever --base
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    options = ["--no-demo", "--adapters-dir", str(tmp_path / "none")]
+    service = build_service(parser.parse_args(options + ["--reuse-mb", "3", "--prefill-chunk", "8"]))
+    assert (service.engine.prefill_chunk, service.engine.reuse.max_bytes) == (8, 3 * 2**20)
+    assert "prompts prefilled 8 tokens at a time; K/V of earlier turns reused (0.0 of 3 MiB, 0 of 0 prompt tokens" \
+        in service.status_markdown()
+    replies = list(service.answer("Name a colour.", None, [], max_new_tokens=NEW))
+    assert replies[-1].note is None
+    list(service.answer("Name an animal.", None, [("Name a colour.", replies[-1].text)], max_new_tokens=NEW))
+    stats = service.engine.reuse.stats()
+    assert stats["reused_tokens"] > 0
+    assert f"{stats['reused_tokens']:,} of {stats['prompt_tokens']:,} prompt tokens so far" in service.status_markdown()
+    off = build_service(parser.parse_args(options + ["--reuse-mb", "0", "--prefill-chunk", "0"]))
+    assert "whole prompts prefilled; K/V of earlier turns not reused" in off.status_markdown()

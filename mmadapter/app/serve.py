@@ -28,6 +28,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=8,
                    help="requests decoded together, joining a running batch as they arrive (default: 8; "
                         "0: each request decodes on its own)")
+    p.add_argument("--prefill-chunk", type=int, default=64,
+                   help="prompt tokens prefilled between two decoding steps of the batch (default: 64; 0: whole "
+                        "prompts at once)")
+    p.add_argument("--reuse-mb", type=float, default=128,
+                   help="memory for the K/V of earlier turns, reused by a conversation's next turn (default: 128; "
+                        "least recently used dropped first; 0: off)")
     p.add_argument("--concurrency", type=int, default=None,
                    help="requests served at the same time (default: --max-batch, or 2 without batching)")
     p.add_argument("--queue-size", type=int, default=32, help="requests waiting before new ones are refused")
@@ -61,7 +67,8 @@ def build_service(args: argparse.Namespace):
     if args.max_batch > 0:
         from ..batching import BatchEngine
 
-        engine = BatchEngine(model, max_batch=args.max_batch, max_slots=args.max_prompt_tokens + 1024)
+        engine = BatchEngine(model, max_batch=args.max_batch, max_slots=args.max_prompt_tokens + 1024,
+                             prefill_chunk=args.prefill_chunk, reuse_mb=args.reuse_mb)
     image_adapter, notes = None, []
     if demo_selected:
         image_adapter, notes = DEMO_ADAPTER_NAME, [STATUS_NOTE]

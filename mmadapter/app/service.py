@@ -72,10 +72,23 @@ class ChatService:
         shown = [f"`{n}`" + (f" ({a.variant})" if (a := self.adapters.get(n)) is not None else "")
                  for n in self.adapters.names()]
         lines.append(f"**Adapters:** {', '.join(shown)}")
+        if self.engine is not None:
+            lines.append(self.engine_status())
         lines += self.status_notes
         for path, error in self.adapters.errors.items():
             lines.append(f"{WARN}`{Path(path).name}` could not be loaded: {error}")
         return "  \n".join(lines)
+
+    def engine_status(self) -> str:
+        """How concurrent requests are served: batch size, prefill chunk, the reuse cache's budget and use."""
+        e = self.engine
+        chunk = f"prompts prefilled {e.prefill_chunk} tokens at a time" if e.prefill_chunk else "whole prompts prefilled"
+        line = f"**Serving:** up to {e.max_batch} requests decoded together; {chunk}; "
+        if e.reuse is None:
+            return line + "K/V of earlier turns not reused"
+        s = e.reuse.stats()
+        return line + (f"K/V of earlier turns reused ({s['stored_mb']:.1f} of {s['max_mb']:.0f} MiB, "
+                       f"{s['reused_tokens']:,} of {s['prompt_tokens']:,} prompt tokens so far)")
 
     def answer(self, question: str, image_path: str | None, history: Sequence[tuple[str, str]],
                adapter_name: str = NO_ADAPTER, *, temperature: float = 0.0, top_p: float = 1.0,
