@@ -1,14 +1,18 @@
 """The app under load: N gradio_client users, 3-turn chats, half of them about an image.
 
-The same load runs against two servers started in turn, each a fresh `python -m app` process on
+The same load runs against three servers started in turn, each a fresh `python -m app` process on
 localhost: one-at-a-time decoding (`--max-batch 0`, two requests in flight, each with its own forward
-passes: the app before continuous batching) and continuous batching (`--max-batch 8`). Both get the
-same multimodal adapter (random weights over ViT-B-32, so images cost a real tower pass). Reported per
-server: requests answered / refused / failed, p50 and p95 latency, aggregate generated tokens/s with
-1 user and with N users, and the server's peak RSS above its RSS after warm-up (VmHWM).
+passes: the app before continuous batching), continuous batching with whole prompts prefilled and nothing
+reused (`--max-batch 8 --prefill-chunk 0 --reuse-mb 0`), and continuous batching with chunked prefill and
+the K/V of earlier turns reused (`--max-batch 8`, the app's defaults). All get the same multimodal adapter
+(random weights over ViT-B-32, so images cost a real tower pass). Reported per server: requests answered /
+refused / failed, p50 and p95 latency, aggregate generated tokens/s with 1 user and with N users, the
+server's peak RSS above its RSS after warm-up (VmHWM), and the time to the first streamed text: turn 1 and
+turn N of the one user's chat, and its median over the N users' requests.
 
-Timings on a shared machine are noisy: compare the two servers of one run, not runs.
-`python -m bench.serving [--users 8] [--turns 3] [--max-new-tokens 48]`
+Timings on a shared machine are noisy: compare the servers of one run, not runs.
+`python -m bench.serving [--users 8] [--turns 3] [--max-new-tokens 48]`; a quick check that it runs end to
+end, writing nothing: `python -m bench.serving --users 2 --turns 2 --max-new-tokens 4 --servers reuse --no-write`
 """
 
 from __future__ import annotations
@@ -24,8 +28,13 @@ import threading
 import time
 from pathlib import Path
 
-from .common import report
+from .common import report, section
 
+SERVERS = {  # name in --servers: (row label, app options)
+    "one": ("one at a time", ["--max-batch", "0"]),
+    "batched": ("continuous batching", ["--max-batch", "8", "--prefill-chunk", "0", "--reuse-mb", "0"]),
+    "reuse": ("batching + chunked prefill + reuse", ["--max-batch", "8"]),
+}
 QUESTIONS = ["What is in this picture?", "Tell me more about it.", "Summarise what you said in one line.",
              "Name a fruit and describe it.", "Why is the sky blue?", "Write a haiku about rain."]
 
@@ -49,10 +58,10 @@ def make_adapter(folder: Path) -> None:
     save_adapter(model, folder / "vision.safetensors")
 
 
-def start_server(adapters: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(adapters: Path, options: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "app", "--adapters-dir", str(adapters), "--port", str(port),
-               "--max-batch", str(max_batch), "--max-prompt-tokens", "512", "--queue-size", "64"]
+               "--max-prompt-tokens", "512", "--queue-size", "64", *options]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     for line in server.stdout:
@@ -68,12 +77,25 @@ def rss_mib(pid: int, key: str) -> float:
     raise KeyError(key)
 
 
-def run_users(url: str, users: int, turns: int, max_new_tokens: int, picture: Path, count_tokens) -> dict:
-    """Every user runs one chat of `turns` turns; users with an even index send the picture first."""
+def assistant_text(messages: list) -> str:
+    """The text of the last (assistant) message of a chat as gradio_client returns it ("" when none yet)."""
+    if not messages or messages[-1].get("role") != "assistant":
+        return ""
+    content = messages[-1]["content"]
+    if isinstance(content, list):
+        content = next((c.get("text") for c in content if isinstance(c, dict) and c.get("text")), "")
+    return content if isinstance(content, str) else ""
+
+
+def run_users(url: str, users: int, turns: int, max_new_tokens: int, picture: Path, count_tokens,
+              offset: int = 0) -> dict:
+    """Every user runs one chat of `turns` turns; users with an even index send the picture first.
+    User i's turn t asks QUESTIONS[i + t + offset]; the first streamed text of each turn is timed."""
     import gradio_client
 
     lock = threading.Lock()
     latencies, tokens, outcomes = [], [], {"answered": 0, "refused": 0, "errors": 0}
+    first_token: dict[int, list[float]] = {t: [] for t in range(turns)}  # per turn, seconds
     failures: list[str] = []  # what a failed request said, printed with the table
 
     def user(index: int) -> None:
@@ -81,10 +103,14 @@ def run_users(url: str, users: int, turns: int, max_new_tokens: int, picture: Pa
         history: list = []
         for turn in range(turns):
             files = [gradio_client.handle_file(str(picture))] if index % 2 == 0 and turn == 0 else []
-            message = {"text": QUESTIONS[(index + turn) % len(QUESTIONS)], "files": files}
-            start = time.monotonic()
+            message = {"text": QUESTIONS[(index + turn + offset) % len(QUESTIONS)], "files": files}
+            start, first = time.monotonic(), None
             try:
-                history, _ = client.predict(message, history, "vision", 0.0, 0.9, max_new_tokens, api_name="/chat")
+                job = client.submit(message, history, "vision", 0.0, 0.9, max_new_tokens, api_name="/chat")
+                for output in job:  # the streamed states of the answer
+                    if first is None and assistant_text(output[0]).strip():
+                        first = time.monotonic() - start
+                history, _ = job.result()
             except Exception as e:  # noqa: BLE001 - every outcome is counted
                 with lock:
                     refused = "queue is full" in str(e).lower()
@@ -92,7 +118,7 @@ def run_users(url: str, users: int, turns: int, max_new_tokens: int, picture: Pa
                     if not refused:
                         failures.append(f"{type(e).__name__}: {e}"[:300])
                 return
-            text = history[-1]["content"][0]["text"]
+            text = assistant_text(history)
             with lock:
                 latencies.append(time.monotonic() - start)
                 tokens.append(count_tokens(text))
@@ -100,6 +126,7 @@ def run_users(url: str, users: int, turns: int, max_new_tokens: int, picture: Pa
                 outcomes["answered" if answered else "errors"] += 1
                 if not answered:
                     failures.append(text[:300])
+                first_token[turn].append(first if first is not None else latencies[-1])
 
     threads = [threading.Thread(target=user, args=(i,)) for i in range(users)]
     started = time.monotonic()
@@ -108,12 +135,20 @@ def run_users(url: str, users: int, turns: int, max_new_tokens: int, picture: Pa
     for t in threads:
         t.join()
     elapsed = time.monotonic() - started
-    p95 = statistics.quantiles(latencies, n=20)[-1] if len(latencies) > 1 else latencies[0]
-    return {**outcomes, "p50": statistics.median(latencies), "p95": p95, "tokens_per_s": sum(tokens) / elapsed,
-            "failures": failures}
+    if not latencies:
+        raise RuntimeError(f"no request was answered: {failures[:3]}")
+    return {**outcomes, "p50": statistics.median(latencies), "p95": p95(latencies),
+            "tokens_per_s": sum(tokens) / elapsed, "failures": failures,
+            "first_token": {t: statistics.median(v) for t, v in first_token.items() if v},
+            "first_token_p50": statistics.median([x for v in first_token.values() for x in v])}
 
 
-def run(users: int = 8, turns: int = 3, max_new_tokens: int = 48) -> str:
+def p95(values: list[float]) -> float:
+    return statistics.quantiles(values, n=20)[-1] if len(values) > 1 else values[0]
+
+
+def run(users: int = 8, turns: int = 3, max_new_tokens: int = 48, servers: tuple[str, ...] = tuple(SERVERS),
+        write: bool = True) -> str:
     from PIL import Image
 
     from mmadapter import load_base
@@ -127,14 +162,16 @@ def run(users: int = 8, turns: int = 3, max_new_tokens: int = 48) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         make_adapter(folder)
-        picture = folder / "picture.png"
+        picture, alone_picture = folder / "picture.png", folder / "alone.png"
         Image.new("RGB", (640, 480), "orange").save(picture)
-        for label, max_batch in (("one at a time", 0), ("continuous batching", 8)):
-            server, url = start_server(folder, max_batch)
+        Image.new("RGB", (640, 480), "teal").save(alone_picture)  # the one user's chat shares nothing with the N
+        for name in servers:
+            label, options = SERVERS[name]
+            server, url = start_server(folder, options)
             try:
-                run_users(url, 2, 1, 8, picture, count_tokens)  # warm-up: text and image paths
+                run_users(url, 2, 1, 8, picture, count_tokens, offset=3)  # warm-up: text and image paths
                 baseline = rss_mib(server.pid, "VmRSS:")
-                one = run_users(url, 1, turns, max_new_tokens, picture, count_tokens)
+                one = run_users(url, 1, turns, max_new_tokens, alone_picture, count_tokens)
                 many = run_users(url, users, turns, max_new_tokens, picture, count_tokens)
                 peak = rss_mib(server.pid, "VmHWM:")
             finally:
@@ -143,18 +180,30 @@ def run(users: int = 8, turns: int = 3, max_new_tokens: int = 48) -> str:
             figures[label] = many
             for failure in many["failures"]:
                 print(f"{label}: a request failed: {failure!r}")
+            first, last = one["first_token"][0], one["first_token"][turns - 1]
             rows.append([label, f"{many['answered']}/{many['refused']}/{many['errors']}", round(many["p50"], 2),
                          round(many["p95"], 2), round(one["tokens_per_s"], 1), round(many["tokens_per_s"], 1),
-                         f"{many['tokens_per_s'] / one['tokens_per_s']:.2f}x", round(baseline), f"+{peak - baseline:.0f}"])
-    single, batched = figures["one at a time"], figures["continuous batching"]
-    rows.append(["batched / one at a time", "", f"{batched['p50'] / single['p50']:.2f}x",
-                 f"{batched['p95'] / single['p95']:.2f}x", "", f"{batched['tokens_per_s'] / single['tokens_per_s']:.2f}x",
-                 "", "", ""])
-    return report(
-        "serving", f"The app under load: {users} gradio_client users, {turns}-turn chats, half with an image, "
-                   f"max_new_tokens {max_new_tokens}",
-        ["server", f"{users} users: answered/refused/errors", "p50 s", "p95 s", "tokens/s, 1 user",
-         f"tokens/s, {users} users", f"{users} vs 1 user", "RSS after warm-up MiB", "peak RSS above it MiB"], rows)
+                         f"{many['tokens_per_s'] / one['tokens_per_s']:.2f}x", round(baseline), f"+{peak - baseline:.0f}",
+                         round(one["p95"], 2), f"{many['p95'] / one['p95']:.2f}x", round(first, 2), round(last, 2),
+                         f"{last / first:.2f}x", round(many["first_token_p50"], 2)])
+    single = figures.get(SERVERS["one"][0])
+    for name in ("batched", "reuse"):
+        other = figures.get(SERVERS[name][0])
+        if single is not None and other is not None:
+            rows.append([f"{'batched' if name == 'batched' else 'batched + reuse'} / one at a time", "",
+                         f"{other['p50'] / single['p50']:.2f}x", f"{other['p95'] / single['p95']:.2f}x", "",
+                         f"{other['tokens_per_s'] / single['tokens_per_s']:.2f}x"] + [""] * 9)
+    title = (f"The app under load: {users} gradio_client users, {turns}-turn chats, half with an image, "
+             f"max_new_tokens {max_new_tokens}")
+    headers = ["server", f"{users} users: answered/refused/errors", "p50 s", "p95 s", "tokens/s, 1 user",
+               f"tokens/s, {users} users", f"{users} vs 1 user", "RSS after warm-up MiB", "peak RSS above it MiB",
+               "p95 s, 1 user", f"p95 {users} users vs 1", "first token s, turn 1 (1 user)",
+               f"first token s, turn {turns} (1 user)", f"turn {turns} vs turn 1", f"first token p50 s, {users} users"]
+    if not write:
+        markdown = section(title, headers, rows)
+        print(markdown, flush=True)
+        return markdown
+    return report("serving", title, headers, rows)
 
 
 if __name__ == "__main__":
@@ -162,5 +211,11 @@ if __name__ == "__main__":
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--servers", default=",".join(SERVERS),
+                        help=f"which servers to run, comma-separated (default: all of {', '.join(SERVERS)})")
+    parser.add_argument("--no-write", action="store_true", help="print the table; leave bench/results alone")
     args = parser.parse_args()
-    run(args.users, args.turns, args.max_new_tokens)
+    chosen = tuple(args.servers.split(","))
+    if unknown := set(chosen) - set(SERVERS):
+        parser.error(f"unknown server(s) {', '.join(sorted(unknown))}: choose from {', '.join(SERVERS)}")
+    run(args.users, args.turns, args.max_new_tokens, chosen, write=not args.no_write)
