@@ -55,7 +55,7 @@ def build_projector(vision: VisionConfig, feature_dim: int, dim: int, n_prompts:
 
         return build_spatial_tokens(vision, feature_dim, dim, n_prompts)
     if vision.projector == "mlp":
-        from .vision import Projector
+        from .mlp_projector import Projector
 
         return Projector(feature_dim, dim, vision.projector_hidden)
     if vision.projector == "visual-query":

@@ -27,6 +27,7 @@ import torch
 from .adapter import Adapter
 from .atomic import atomic_save
 from .config import AdapterConfig, LlamaConfig, VisionConfig
+from .towers import is_tower, same_model
 
 if TYPE_CHECKING:
     from .model import MMAdapter
@@ -152,8 +153,7 @@ def load_adapter(model: MMAdapter, path: str | os.PathLike, *, activate: bool = 
     check_base(meta, model, str(path), allow_base_mismatch)
     tower = _tower_for(model, meta, str(path), vision) if meta.vision is not None else None
     adapter = build_adapter(meta, tensors, str(path)).to(model.device)
-    if tower is not model.vision:
-        adapter.use_tower(tower)
+    model.adopt_tower(adapter, tower)
     if activate:
         model.use_adapter(adapter)
     return adapter
@@ -201,14 +201,12 @@ def check_base(meta: AdapterMeta, model: MMAdapter, source: str, allow_mismatch:
 
 
 def _tower_for(model: MMAdapter, meta: AdapterMeta, source: str, given: VisionConfig | str | None):
-    """The tower `meta` was trained with: the model's when it is that one, else the model's shared
-    tower of that spec (adapters trained over the same tower share it)."""
+    """The tower `meta` was trained with (the model's shared one of that identity), at the place `given`
+    names when its weights moved."""
     want = meta.vision
     given = VisionConfig.from_spec(given) if isinstance(given, str) else given
-    if given is not None and _same_model(given.model, want.model):  # where the tower is now; the file's shape
+    if given is not None and same_model(given.model, want.model):  # where the tower is now; the file's shape
         want = VisionConfig.from_dict({**want.to_dict(), "model": given.model, "pretrained": given.pretrained})
-    if model.vision is not None and _same_tower(model.vision, want, meta.feature_dim):
-        return model.vision
     try:
         tower = model.shared_tower(want)
     except (ValueError, OSError, RuntimeError) as e:
@@ -216,29 +214,10 @@ def _tower_for(model: MMAdapter, meta: AdapterMeta, source: str, given: VisionCo
             f"{source}: cannot build the image tower this adapter was trained with ({want.spec}): {e}. "
             f"If the tower's weights moved, point at them: --vision {want.model}:/path/to/weights "
             "(vision='MODEL:WEIGHTS' in Python)") from e
-    if not _same_tower(tower, want, meta.feature_dim):
+    if not is_tower(tower, want) or tower.feature_dim != meta.feature_dim:
         raise AdapterFileError(
             f"{source}: trained with the image tower {want.spec} ({want.n_scales} scales, weights "
             f"{want.weights_hash}) but the tower built from it has weights {tower.weights_hash[:16]} "
             f"({tower.feature_dim} features): other weights than in training. Point at the tower's original "
             f"weights with --vision {want.model}:/path/to/weights (vision='MODEL:WEIGHTS' in Python)")
-    if model.vision is None:  # the first tower becomes the model's (training and text+image calls use it)
-        model.attach_vision(tower)
     return tower
-
-
-def _same_model(a: str, b: str) -> bool:
-    """Does a tower given by the user name the file's tower model? Self-contained towers (local-dir:,
-    hf-hub:) are named by where they are, so any of them may stand for another (the weights hash decides)."""
-    from .config import SELF_CONTAINED_TOWERS
-
-    if a.startswith(SELF_CONTAINED_TOWERS) and b.startswith(SELF_CONTAINED_TOWERS):
-        return True
-    return a.replace("/", "-") == b.replace("/", "-")
-
-
-def _same_tower(tower: Any, want: VisionConfig, feature_dim: int | None) -> bool:
-    have = tower.config
-    return (have.model == want.model and have.n_scales == want.n_scales and tower.feature_dim == feature_dim
-            and have.projector == want.projector and have.bgr == want.bgr and have.token_depth == want.token_depth
-            and (not want.weights_hash or tower.weights_hash.startswith(want.weights_hash)))

@@ -333,23 +333,18 @@ def load_v2(model: MMAdapter, path: str | os.PathLike, vision: VisionConfig | st
     """
     config, tensors = read_v2(path)
     _, want = v2_configs(config, tensors, tower_config(vision), str(path))
-    tower = model.vision if model.vision is not None and _is_tower(model.vision.config, want) else None
-    if tower is None:
-        try:
-            tower = model.shared_tower(want)
-        except (ValueError, OSError, RuntimeError) as e:
-            raise V2Error(f"{path}: cannot build its image tower ({want.spec}): {e}. If the weights are elsewhere, "
-                          f"point at them: --vision {want.model}:/path/to/weights") from e
+    try:
+        tower = model.shared_tower(want)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise V2Error(f"{path}: cannot build its image tower ({want.spec}): {e}. If the weights are elsewhere, "
+                      f"point at them: --vision {want.model}:/path/to/weights") from e
     if tower.config.clip_dim != want.clip_dim:
         raise V2Error(f"{path}: its clip_proj reads tokens of width {want.clip_dim} but the tower {want.model} "
                       f"gives {tower.config.clip_dim}; use the tower it was trained with (CLIP ViT-L/14 for the "
                       "releases)")
     adapter = adapter_from_v2(config, tensors, model.base.config, tower.feature_dim, tower.config, str(path))
     adapter = adapter.to(model.device)
-    if model.vision is None:
-        model.attach_vision(tower)
-    if tower is not model.vision:
-        adapter.use_tower(tower)
+    model.adopt_tower(adapter, tower)
     return adapter
 
 
@@ -419,11 +414,6 @@ def tower_config(given: VisionConfig | str | None) -> VisionConfig:
     if given.projector == "visual-query":
         return given
     return dataclasses.replace(TOWER, model=given.model, pretrained=given.pretrained, seed=given.seed)
-
-
-def _is_tower(have: VisionConfig, want: VisionConfig) -> bool:
-    return (have.projector == want.projector and have.bgr == want.bgr and have.spec == want.spec
-            and have.seed == want.seed)
 
 
 def save_v2(adapter: Adapter, path: str | os.PathLike) -> Path:

@@ -21,6 +21,7 @@ from .generate import Sampling, TextStream, decode_tokens, text_pieces
 from .llama import AdapterKV, Llama
 from .loss import head_cross_entropy
 from .tokenizer import Tokenizer
+from .towers import is_tower, tower_key
 from .tuning import apply_tuning
 from .weights import DEFAULT_BASE, load_base_checkpoint
 
@@ -38,7 +39,7 @@ class MMAdapter(nn.Module):
         self.template = template or ("chat" if tokenizer is not None and tokenizer.chat_template else "alpaca")
         self.vision: nn.Module | None = None
         self.feature_cache: FeatureCache | None = None
-        self.towers: dict[tuple, nn.Module] = {}  # towers built for loaded adapters, by spec (not submodules)
+        self.towers: dict[tuple, nn.Module] = {}  # towers built for loaded adapters, by tower_key (not submodules)
         self.compiled_decoding: BackgroundCompile | None = None  # see compile_decoding
         if vision is not None:
             self.attach_vision(vision)
@@ -67,14 +68,24 @@ class MMAdapter(nn.Module):
         return self.vision
 
     def shared_tower(self, config: VisionConfig) -> nn.Module:
-        """A frozen tower built from `config` once and shared by every adapter trained over the same one
-        (kept in `towers`, not as a submodule: it belongs to those adapters, not to the model)."""
-        key = (config.spec, config.n_scales, config.seed, config.projector, config.bgr, config.token_depth)
-        if key not in self.towers:
-            from .vision import VisionTower
+        """The frozen tower `config` names: the model's own when it is that one, else one built once and
+        shared by every adapter trained over it (kept in `towers`, not as a submodule: it belongs to those
+        adapters, not to the model). Which towers are the same is towers.is_tower's rule."""
+        for tower in (self.vision, *self.towers.values()):
+            if tower is not None and hasattr(tower, "config") and is_tower(tower, config):
+                return tower
+        from .vision import VisionTower
 
-            self.towers[key] = VisionTower(config).to(self.device).requires_grad_(False)
-        return self.towers[key]
+        tower = VisionTower(config).to(self.device).requires_grad_(False)
+        return self.towers.setdefault(tower_key(tower.config), tower)  # the same weights found elsewhere: one
+
+    def adopt_tower(self, adapter: Adapter, tower: nn.Module | None) -> None:
+        """Give a loaded adapter the tower it was trained with: the first tower becomes the model's
+        (training and text+image calls use it); an adapter over another tower holds its own."""
+        if tower is not None and self.vision is None:
+            self.attach_vision(tower)
+        if tower is not self.vision:
+            adapter.use_tower(tower)
 
     def detach_vision(self) -> None:
         """Drop the image tower and its feature cache (a text-only model again)."""

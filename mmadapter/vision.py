@@ -1,20 +1,23 @@
-"""The image side: a frozen open_clip tower -> multi-scale global features -> projector -> I_p.
+"""The frozen open_clip image tower: pixels -> the features an adapter's projector turns into image tokens.
 
-LLaMA-Adapter (arXiv 2303.16199, §3.3) takes CLIP's global feature at M depths, concatenates them
-along channels and maps them with a small MLP to one image token I_p [B, C] that is added to every
-adaptation prompt. The tower is built only through `open_clip.create_model_and_transforms`, so the
-architecture, weights and preprocessing are open_clip's own; the scales come from open_clip's
-`forward_intermediates` API (open_clip_torch >= 2.31), so nothing in open_clip is reimplemented.
+The tower is built only through `open_clip.create_model_and_transforms`, so the architecture, weights and
+preprocessing are open_clip's own; the features come from open_clip's `forward_intermediates` API
+(open_clip_torch >= 2.31), so nothing in open_clip is reimplemented. What it reads depends on the projector
+(VisionConfig.projector) that will use it:
 
-- ViT towers: the class token after M blocks evenly spaced over the depth (the deepest being the
-  last block), each through the tower's own `ln_post` and `proj`. The deepest scale is exactly
-  `encode_image(x)` before normalisation; every scale has the embedding width E -> [B, M*E].
-- ModifiedResNet towers (RN50, ...): the global-average-pooled output of the deepest M of the four
-  stages layer1..layer4 (so n_scales is 1..4; the default 4 uses every stage). Widths differ per
-  stage (256+512+1024+2048 for RN50) -> [B, sum of widths].
-- Token projectors (VisionConfig.projector "visual-query" and "spatial", ViT towers only): every token of
-  one block (the last, or after `token_depth` blocks), class token first, each through ln_post and proj,
+- "mlp" (LLaMA-Adapter, arXiv 2303.16199, §3.3: CLIP's global feature at M depths, concatenated along
+  channels; mlp_projector.py maps them to one image token):
+  - ViT towers: the class token after M blocks evenly spaced over the depth (the deepest being the
+    last block), each through the tower's own `ln_post` and `proj`. The deepest scale is exactly
+    `encode_image(x)` before normalisation; every scale has the embedding width E -> [B, M*E].
+  - ModifiedResNet towers (RN50, ...): the global-average-pooled output of the deepest M of the four
+    stages layer1..layer4 (so n_scales is 1..4; the default 4 uses every stage). Widths differ per
+    stage (256+512+1024+2048 for RN50) -> [B, sum of widths].
+- "visual-query" and "spatial" (visual_query.py, spatial_tokens.py; ViT towers only): every token of one
+  block (the last, or after `token_depth` blocks), class token first, each through ln_post and proj,
   flattened -> [B, N*E].
+
+Where the weights come from is tower_weights.py; which towers count as the same is towers.py.
 """
 
 from __future__ import annotations
@@ -22,33 +25,27 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import pickle
-import socket
-import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
-from urllib.parse import urlparse
 
 import torch
 from PIL import Image
 from torch import nn
 
-from .config import RANDOM_WEIGHTS, SELF_CONTAINED_TOWERS, VisionConfig
+from .config import SELF_CONTAINED_TOWERS, VisionConfig
 from .images import fit_for_tower
+from .tower_weights import VisionWeightsError, resolve_pretrained
+from .towers import canonical_name, packaged_towers
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-HUB_PROBE_TIMEOUT_S = 3.0
+__all__ = ["VisionTower", "VisionWeightsError", "weights_sha256"]  # VisionWeightsError: raised when building
+
 _SUPPORTED = (
     "open_clip VisionTransformer towers with class-token pooling (ViT-B-32, ViT-L-14, ...) and "
     "ModifiedResNet towers (RN50, RN101, ...)"
 )
-
-
-class VisionWeightsError(RuntimeError):
-    """The tower's weights cannot be found or loaded; the message says what to pass instead."""
 
 
 class VisionTower(nn.Module):
@@ -67,12 +64,12 @@ class VisionTower(nn.Module):
 
         if config.n_scales < 1:
             raise ValueError(f"VisionConfig.n_scales={config.n_scales} must be at least 1")
-        name = _canonical_name(config.model)
-        from .demo.registry import register_tower_config
-
-        register_tower_config()  # the shipped demo tower's architecture, known like open_clip's own
+        name = canonical_name(config.model)
+        for packaged in packaged_towers():  # towers shipped in packages, known like open_clip's own
+            if open_clip.get_model_config(packaged.name) is None:
+                open_clip.add_model_config(packaged.config_file)
         _check_model_config(open_clip, name)
-        pretrained, quick_gelu = _resolve_pretrained(open_clip, name, config.pretrained)
+        pretrained, quick_gelu = resolve_pretrained(open_clip, name, config.pretrained)
         try:
             with torch.random.fork_rng(devices=[]):  # random weights from config.seed: built again the same
                 torch.manual_seed(config.seed)
@@ -210,24 +207,6 @@ class VisionTower(nn.Module):
         return sum(stages[i - 1][-1].bn3.num_features for i in self.take_indices)
 
 
-class Projector(nn.Module):
-    """Trainable MLP from the concatenated multi-scale features to one image token I_p.
-
-    Linear(feature_dim, hidden) -> GELU -> Linear(hidden, dim): [B, feature_dim] -> [B, dim].
-    Parameters: (feature_dim + 1) * hidden + (hidden + 1) * dim; at hidden=128 that is 0.92M for
-    ViT-L-14 (4 x 768 features) into a 4096-wide LM, 0.47M into SmolLM2-135M (576).
-    """
-
-    def __init__(self, feature_dim: int, dim: int, hidden: int = 128) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(feature_dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(features)))  # [B, feature_dim] -> [B, dim]
-
-
 def weights_sha256(module: nn.Module) -> str:
     """sha256 over a module's state dict (names, dtypes, shapes, bytes) in sorted key order."""
     digest = hashlib.sha256()
@@ -239,13 +218,6 @@ def weights_sha256(module: nn.Module) -> str:
 
 
 # --- tower type checks --------------------------------------------------------------------------
-
-
-def _canonical_name(model_name: str) -> str:
-    """open_clip accepts 'ViT-L/14' for 'ViT-L-14'; schema names ('hf-hub:org/repo') keep their slashes."""
-    if model_name.startswith(SELF_CONTAINED_TOWERS):
-        return model_name
-    return model_name.replace("/", "-")
 
 
 def _check_model_config(open_clip: Any, model_name: str) -> None:
@@ -281,110 +253,3 @@ def _tower_kind(open_clip: Any, visual: nn.Module, model_name: str) -> str:
     if isinstance(visual, ModifiedResNet):
         return "resnet"
     raise ValueError(f"{model_name} has a {type(visual).__name__} image tower; mmadapter supports {_SUPPORTED}")
-
-
-# --- where the weights come from ----------------------------------------------------------------
-
-
-def _resolve_pretrained(open_clip: Any, model_name: str, pretrained: str | None) -> tuple[str | None, bool]:
-    """Return (what to pass as open_clip's `pretrained`, whether to force QuickGELU).
-
-    Tags are checked against the local caches first so that an offline machine fails in seconds
-    with a useful message instead of retrying downloads.
-    """
-    if model_name.startswith(SELF_CONTAINED_TOWERS):
-        if pretrained is not None:
-            log.info("pretrained=%r is ignored: %s carries its own weights", pretrained, model_name)
-        return None, False
-    if pretrained is None:
-        log.warning(
-            "VISION TOWER %s HAS RANDOM WEIGHTS (pretrained=None): answers about images will be meaningless. "
-            "Pass an open_clip tag (e.g. %s:openai) or a local checkpoint file (%s:/path/to/weights.safetensors).",
-            model_name, model_name, model_name,
-        )
-        return None, False
-    from .demo.registry import DEMO_TAG, TOWER_FILE, TOWER_NAME
-
-    if model_name == TOWER_NAME and pretrained == DEMO_TAG:  # the tower shipped inside the package
-        pretrained = str(TOWER_FILE)
-    path = Path(pretrained).expanduser()
-    if path.is_file() or path.suffix in CHECKPOINT_SUFFIXES or os.sep in pretrained or "/" in pretrained:
-        if not path.is_file():
-            raise VisionWeightsError(f"the {model_name} tower's weights file {pretrained} does not exist")
-        if path.suffix not in CHECKPOINT_SUFFIXES:
-            raise VisionWeightsError(
-                f"{pretrained}: unsupported checkpoint type {path.suffix!r}; "
-                f"use one of {', '.join(CHECKPOINT_SUFFIXES)}"
-            )
-        return str(path), False  # OpenAI weights need a '-quickgelu' model name, e.g. ViT-L-14-quickgelu
-    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
-    if not tag_cfg:
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
-        raise VisionWeightsError(
-            f"{pretrained!r} is neither a checkpoint file nor an open_clip tag for {model_name} "
-            f"(known tags: {', '.join(tags) or 'none'}); use {model_name}:{RANDOM_WEIGHTS} for random weights"
-        )
-    _require_tag_weights(model_name, pretrained, tag_cfg)
-    return pretrained, bool(tag_cfg.get("quick_gelu", False))
-
-
-def _require_tag_weights(model_name: str, tag: str, tag_cfg: dict[str, Any]) -> None:
-    """Raise VisionWeightsError if the tag's weights are not cached and cannot be downloaded now."""
-    from open_clip.pretrained import has_hf_hub
-
-    if "file" in tag_cfg:
-        return
-    if has_hf_hub() and tag_cfg.get("hf_hub"):
-        from huggingface_hub import constants, try_to_load_from_cache
-        from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
-
-        repo_id, filename = os.path.split(tag_cfg["hf_hub"])
-        candidates = [filename] if filename else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]
-        if filename.endswith((".bin", ".pth")):
-            candidates.insert(0, filename[:-4] + ".safetensors")
-        if any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in candidates):
-            return
-        source, host = f"hf-hub:{repo_id}/{candidates[-1]}", urlparse(constants.ENDPOINT).hostname
-    else:
-        url = tag_cfg["url"]
-        if (Path("~/.cache/clip").expanduser() / os.path.basename(url)).is_file():
-            return
-        source, host = url, urlparse(url).hostname
-    if _hub_offline():
-        reason = "offline mode is on (HF_HUB_OFFLINE)"
-    elif not _host_reachable(host or ""):
-        reason = f"{host} cannot be reached"
-    else:
-        return  # open_clip downloads them
-    raise VisionWeightsError(
-        f"the {model_name} '{tag}' CLIP weights ({source}) are not in the local cache and {reason}. "
-        f"Download them once where the hub is reachable, or pass a local checkpoint file as the tower: "
-        f"{model_name}:/path/to/weights.safetensors (.safetensors, .bin, .pt or .pth; --vision on the command "
-        f"line, VisionConfig.from_spec in Python)"
-    )
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-    return flag or bool(constants.HF_HUB_OFFLINE)
-
-
-def _host_reachable(host: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Can we open a TCP connection to host:443 within `timeout` seconds (DNS included)?"""
-    if any(os.environ.get(var) for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # only the proxy knows; let the download try
-    reachable = threading.Event()
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            reachable.set()
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)  # getaddrinfo ignores socket timeouts
-    thread.start()
-    thread.join(timeout)
-    return reachable.is_set()

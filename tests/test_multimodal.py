@@ -128,6 +128,26 @@ def test_each_adapter_gets_the_tower_it_was_trained_with(mm_model, tiny_hf, tmp_
     torch.testing.assert_close(_answer_to_red(other, adapter), _answer_to_red(mm_model), atol=0, rtol=0)
 
 
+def test_a_saved_adapter_names_its_own_tower_not_the_models(mm_model, tiny_hf, tmp_path):
+    """An adapter holding its own tower (the model's is another) is saved with that tower, so it loads again."""
+    from mmadapter.adapter_file import read_adapter
+
+    with torch.no_grad():
+        mm_model.adapter.gates.fill_(0.3)
+    first = save_adapter(mm_model, tmp_path / "first.safetensors")
+    other = build_model(str(tiny_hf[0]), AdapterConfig(n_prompts=4, n_layers=2),
+                        VisionConfig(model=TINY_VIT, pretrained=None, projector_hidden=16, seed=5), seed=3)
+    adapter = load_adapter(other, first, activate=False)
+    again = save_adapter(other, tmp_path / "again.safetensors", adapter=adapter)
+    meta = read_adapter(again)[0]
+    assert other.vision.weights_hash != mm_model.vision.weights_hash
+    assert meta.vision.weights_hash == mm_model.vision.weights_hash
+    assert meta.vision.spec == mm_model.vision.config.spec and meta.feature_dim == mm_model.vision.feature_dim
+    fresh = load_base(str(tiny_hf[0]))
+    load_adapter(fresh, again)
+    torch.testing.assert_close(_answer_to_red(fresh), _answer_to_red(mm_model), atol=0, rtol=0)
+
+
 def test_moved_tower_weights_are_named_and_found_again_with_vision(mm_model, tiny_hf, tmp_path):
     import shutil
 

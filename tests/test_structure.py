@@ -12,9 +12,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmadapter"
 # Floors, bottom first. A module may import from its own floor or any floor below.
 LAYERS = [
     ("foundation", ["config", "matvec", "atomic", "safe_io", "images", "loss", "distributed", "stop_signals", "plot",
-                    "data.templates", "data.records", "data.shapes",
-                    "demo.registry"]),
-    ("pieces", ["llama", "tuning", "prefix_reuse", "visual_query", "spatial_tokens", "int4_layout", "tokenizer", "gguf_tensor", "vision", "feature_cache", "prefix_cache", "data.encode",
+                    "towers", "data.templates", "data.records", "data.shapes"]),
+    ("pieces", ["llama", "tuning", "prefix_reuse", "mlp_projector", "visual_query", "spatial_tokens", "int4_layout",
+                "tokenizer", "gguf_tensor", "tower_weights", "vision", "feature_cache", "prefix_cache", "data.encode",
                 "data.scienceqa"]),
     ("adapter, loaders, decoding", ["adapter", "quant", "weights", "generate", "compiled_step"]),
     ("the composed model", ["model", "adapter_file"]),

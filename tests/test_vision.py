@@ -23,9 +23,10 @@ import open_clip  # noqa: E402
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from mmadapter import vision  # noqa: E402
+from mmadapter import tower_weights, vision  # noqa: E402
 from mmadapter.config import VisionConfig  # noqa: E402
-from mmadapter.vision import Projector, VisionTower, VisionWeightsError  # noqa: E402
+from mmadapter.mlp_projector import Projector  # noqa: E402
+from mmadapter.vision import VisionTower, VisionWeightsError  # noqa: E402
 
 TINY_VIT = "mmtest-tiny-vit"
 TINY_RESNET = "mmtest-tiny-rn"
@@ -283,7 +284,7 @@ def test_unreachable_hub_fails_fast(empty_hub_cache: Path, monkeypatch: pytest.M
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(vision, "_host_reachable", lambda host: False)
+    monkeypatch.setattr(tower_weights, "host_reachable", lambda host: False)
     with pytest.raises(VisionWeightsError, match="huggingface.co cannot be reached.*local checkpoint file"):
         VisionTower(VisionConfig(model="ViT-B-32", pretrained="openai"))
 
@@ -294,16 +295,16 @@ def test_cached_tag_weights_pass_the_offline_check(empty_hub_cache: Path, monkey
     tag_cfg = open_clip.get_pretrained_cfg("ViT-B-32", "openai")
     repo_id = tag_cfg["hf_hub"].rstrip("/")
     with pytest.raises(VisionWeightsError):
-        vision._require_tag_weights("ViT-B-32", "openai", tag_cfg)
+        tower_weights.require_tag_weights("ViT-B-32", "openai", tag_cfg)
     repo = empty_hub_cache / f"models--{repo_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("0" * 40)
     snapshot = repo / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
     (snapshot / "open_clip_model.safetensors").write_bytes(b"")
-    vision._require_tag_weights("ViT-B-32", "openai", tag_cfg)  # no error
+    tower_weights.require_tag_weights("ViT-B-32", "openai", tag_cfg)  # no error
     # OpenAI weights were trained with QuickGELU, which the plain ViT-B-32 config lacks: forced on.
-    assert vision._resolve_pretrained(open_clip, "ViT-B-32", "openai") == ("openai", True)
+    assert tower_weights.resolve_pretrained(open_clip, "ViT-B-32", "openai") == ("openai", True)
 
 
 # --- preprocessing ------------------------------------------------------------------------------
