@@ -4,9 +4,9 @@ One background thread owns a static KV cache with a row per request (up to `max_
 request is prefilled alone into a free row, exactly as it would be decoded alone, then takes part in
 every following one-token step of the whole batch; a finished request frees its row at once.
 
-Two things keep a new request from stalling the others. Its prompt is prefilled in chunks of
-`prefill_chunk` tokens, one chunk between two decoding steps of the running batch (a long chat history no
-longer holds everyone for its whole length). And with `reuse_mb` > 0, the K/V of the longest prefix a
+Two things keep a new request from stalling the others. Prompts are prefilled at most `prefill_chunk`
+tokens between two decoding steps of the running batch (a long chat history is split into chunks and no
+longer holds everyone for its whole length; short ones waiting together go in the same pause). And with `reuse_mb` > 0, the K/V of the longest prefix a
 finished request shares with it (same base, adapter and image: prefix_reuse.py) is copied in rather than
 computed, so a conversation's next turn prefills only its new tokens. Each row
 keeps its own adapter (prompt K/V with its own image tokens: V1's one token in every prompt, or one per
@@ -170,8 +170,9 @@ class BatchEngine:
                 arrivals = self._admissible()
             for request in arrivals:
                 self._admit(request)
-            if self._prefilling:
-                self._prefill_chunk()  # one chunk, then a step of the running rows
+            budget = self.prefill_chunk  # prompt tokens before the next step of the running rows (0: no limit)
+            while self._prefilling and (budget > 0 or self.prefill_chunk == 0):
+                budget -= self._prefill_chunk(budget)
             try:
                 if self._active():
                     self._step()
@@ -252,11 +253,12 @@ class BatchEngine:
             self._rows[row] = request
         self._prefilling.append(request)
 
-    def _prefill_chunk(self) -> None:
-        """Prefill the next chunk of the oldest waiting prompt; its last chunk makes the row decode."""
+    def _prefill_chunk(self, limit: int) -> int:
+        """Prefill up to `limit` (0: all) more tokens of the oldest waiting prompt; returns how many. Its last
+        chunk makes the row decode."""
         request = self._prefilling[0]
         n, start = len(request.ids), request.prefilled
-        end = n if self.prefill_chunk == 0 else min(n, start + self.prefill_chunk)
+        end = n if limit == 0 else min(n, start + limit)
         try:
             if request.cancelled.is_set():
                 raise _Cancelled
@@ -270,18 +272,19 @@ class BatchEngine:
                 if self.events is not None:
                     self.events.append(("chunk", row))
                 if end < n:
-                    return
+                    return end - start
                 logits = self.base.head(hidden[:, -1])  # [1, V]
                 self._key_mask[row, :n] = True
         except Exception as e:  # noqa: BLE001 - this request fails alone (or was abandoned); the batch goes on
             self._prefilling.popleft()
             self._finish(request, _END if isinstance(e, _Cancelled) else e)
-            return
+            return 0
         self._prefilling.popleft()
         request.decoding = True
         self._kv_stale = True
         self.peak_rows = max(self.peak_rows, len(self._active()))
         self._emit(request, logits[0])
+        return end - start
 
     def _step(self) -> None:
         """One token for every active row, at the shared cursor slot."""

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .llama import Llama
+
 
 @dataclass(frozen=True, eq=False)
 class Context:
@@ -31,27 +33,32 @@ class Context:
     (compared by identity, so no other object can take their place) with their parameters' versions,
     which change whenever a weight is modified in place."""
 
-    base: nn.Module
+    base: Llama
     adapter: nn.Module | None
     versions: int
+    layout: str  # the base's activation dtype and device
     image: str  # digest of the image features ("" without an image)
 
+    def _fields(self) -> tuple:
+        return id(self.base), id(self.adapter), self.versions, self.layout, self.image
+
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Context) and (self.base, self.adapter, self.versions, self.image) == \
-            (other.base, other.adapter, other.versions, other.image)
+        return isinstance(other, Context) and self.base is other.base and self.adapter is other.adapter and \
+            self._fields() == other._fields()
 
     def __hash__(self) -> int:
-        return hash((id(self.base), id(self.adapter), self.versions, self.image))
+        return hash(self._fields())
 
 
-def request_context(base: nn.Module, adapter: nn.Module | None, features: Tensor | None) -> Context | None:
+def request_context(base: Llama, adapter: nn.Module | None, features: Tensor | None) -> Context | None:
     """The context of a request (features: its image's tower features, None without an image); None when
     its K/V cannot be keyed safely (parameters whose changes are not tracked)."""
     try:
         versions = sum(p._version for p in adapter.parameters()) if adapter is not None else 0
     except RuntimeError:  # inference tensors track no version: their changes would go unseen
         return None
-    return Context(base, adapter, versions, "" if features is None else feature_digest(features))
+    layout = f"{base.norm.weight.dtype}:{base.device}"  # the cache's dtype (`Llama.new_cache`) and place
+    return Context(base, adapter, versions, layout, "" if features is None else feature_digest(features))
 
 
 def feature_digest(features: Tensor) -> str:

@@ -19,6 +19,7 @@ from test_train import COLOURS, make_text_base, make_tower_dir, one_thread  # no
 from mmadapter import AdapterConfig, VisionConfig
 from mmadapter.adapter import Adapter
 from mmadapter.batching import BatchEngine
+from mmadapter.generate import Sampling
 from mmadapter.model import load_base
 from mmadapter.prefix_reuse import PrefixReuse, request_context
 from mmadapter.vision import VisionTower
@@ -218,3 +219,25 @@ def test_the_app_status_reports_the_reuse_budget_and_its_use(setup, tmp_path, mo
     assert f"{stats['reused_tokens']:,} of {stats['prompt_tokens']:,} prompt tokens so far" in service.status_markdown()
     off = build_service(parser.parse_args(options + ["--reuse-mb", "0", "--prefill-chunk", "0"]))
     assert "whole prompts prefilled; K/V of earlier turns not reused" in off.status_markdown()
+
+
+def test_short_prompts_waiting_together_are_prefilled_in_one_pause(setup):
+    """The chunk is a budget per pause of the batch: two short prompts that arrive together both go in before
+    the running request's next step."""
+    model, _ = setup
+    engine = BatchEngine(model, max_batch=3, max_slots=256, prefill_chunk=96)
+    running = engine.submit(model.prompt_ids("Say hello."), sampling=Sampling(40))
+    next(running)
+    while engine.steps < 2:
+        threading.Event().wait(0.005)
+    questions = ["Name a colour.", "Name an animal."]
+    assert sum(len(model.prompt_ids(q)) for q in questions) <= 96
+    with engine._wake:  # both are pending when the engine next looks
+        engine.events = []
+        streams = [engine.submit(model.prompt_ids(q), sampling=Sampling(NEW)) for q in questions]
+    answers = [model.tokenizer.decode([t for t in s if t not in model.tokenizer.eos_ids]) for s in streams]
+    assert answers == [model.generate(q, max_new_tokens=NEW) for q in questions]
+    list(running)
+    kinds = [kind for kind, _ in engine.events]
+    first = kinds.index("chunk")
+    assert kinds[first:first + 2] == ["chunk", "chunk"]  # no step between the two prefills
