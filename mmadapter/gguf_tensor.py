@@ -1,6 +1,6 @@
 """One GGUF tensor, decoded only when asked: to float32, or (Q4_0 / Q4_1) to 4-bit codes and block scales.
 
-`weights.read_gguf` hands these to the model builder, which decodes one tensor at a time: a float base
+`weights_gguf.read_gguf` hands these to the model builder, which decodes one tensor at a time: a float base
 dequantises each, a 4-bit base takes Q4 blocks as they are (no fp32 copy of the weights ever exists).
 llama.cpp's q/k row permutation is undone here, on whichever form is produced.
 """

@@ -271,13 +271,13 @@ def _byte_tokenizer(tokenizer_cls):
 
     import tokenizers
 
-    from mmadapter.tokenizer import _HFBackend
+    from mmadapter.tokenizer_hf import HFBackend
 
     chars = (string.ascii_letters + string.digits)[:61]
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.decoder = tokenizers.decoders.Fuse()
-    return tokenizer_cls(_HFBackend(tok), bos_token="<s>", eos_token="</s>", add_bos=True, chat_template=None,
+    return tokenizer_cls(HFBackend(tok), bos_token="<s>", eos_token="</s>", add_bos=True, chat_template=None,
                          source="test")
 
 
