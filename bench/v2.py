@@ -55,7 +55,7 @@ def run(runs: int = 5) -> str:
     rows, results = [], {}
     for label, adapter in (("base", None), ("V2 bias", v2_adapter(model, 0)),
                            ("V2 bias + LoRA r16", v2_adapter(model, 16))):
-        model.adapter = adapter
+        model.use_adapter(adapter)
         seconds, _ = median_seconds(request_fn(model, with_image=adapter is not None), runs=runs)
         results[label] = NEW / seconds
     for label, tps in results.items():

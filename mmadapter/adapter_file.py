@@ -1,13 +1,16 @@
 """The mmadapter adapter file: one .safetensors holding the trainable tensors and a JSON header.
 
-Layout (format "mmadapter-adapter", version 1):
-  tensors   prompts [L, K, C], gates [L, H], projector.* (multimodal: V1's fc1/fc2, the visual query's blocks,
-            or spatial tokens' norm, fc1, fc2 and position [K, C])
+Layout (format "mmadapter-adapter", version 1): the adapter's state dict, every name checked on load
+  tensors   prompts [L, K, C], gates [L, H] (or [L, 1]), gate_scale [L] (V2 LoRA files),
+            tuning.* (V2: per-layer biases, LoRA A/B and tuned norm weights, tuning.py),
+            projector.* (multimodal: V1's fc1/fc2, the visual query's blocks, or spatial tokens' norm,
+            fc1, fc2 and position [K, C])
   metadata  safetensors' string map with one key, "mmadapter", a JSON object:
     format, version          "mmadapter-adapter", 1
     adapter                  AdapterConfig (n_prompts, n_layers, ...)
     base                     {name, fingerprint, config: LlamaConfig}: the base it was trained on
-    vision                   VisionConfig or null; feature_dim
+    vision                   VisionConfig of the tower the adapter was trained with (not necessarily the
+                             model's) and its own projector fields, or null; feature_dim
     template                 prompt template used in training ("alpaca", "chat", ...)
     training                 free-form summary (steps, loss, data, ...)
 Readers accept any version-1 file and ignore keys they do not know, so newer minor additions load

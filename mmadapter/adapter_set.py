@@ -1,9 +1,11 @@
 """Several adapters over one frozen base, chosen per request by name (the app's adapter dropdown).
 
 Adapters are small (~1M parameters) and separate from the base, so a set holds one base and many
-adapters; a request passes the chosen one to `MMAdapter.generate/stream(adapter=...)` and nothing is
-copied or swapped. Files that fail to load are recorded in `errors` (and logged), not raised, so
-one bad file does not take the others down.
+adapters; a request passes the chosen one to `MMAdapter.generate/stream(adapter=...)`, and the base's
+weights are never copied. Prompts, gates and projectors are read from the adapter per call; a V2 adapter's
+bias, norm and LoRA tensors are put into the shared base for the call (tuning.apply_tuning) and taken
+out when another adapter is used. Files that fail to load are recorded in `errors` (and logged), not
+raised, so one bad file does not take the others down.
 """
 
 from __future__ import annotations

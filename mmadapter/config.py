@@ -152,7 +152,8 @@ class AdapterConfig(_Serialisable):
 
 @dataclass(frozen=True)
 class VisionConfig(_Serialisable):
-    """A frozen open_clip image tower and the trainable projector to image tokens (one for V1's MLP).
+    """A frozen open_clip image tower and the trainable projector from its features to image tokens: V1's
+    MLP (one token, added to every prompt), V2's visual query or spatial tokens (one token per prompt).
 
     pretrained: an open_clip tag (e.g. "openai"), a local checkpoint path, or None for random
     weights (answers about images are then meaningless; a warning says so). `from_spec` reads the

@@ -4,14 +4,16 @@ One readable file in the spirit of nanoGPT / gpt-fast. Weights use the Hugging F
 (RoPE rotates the two halves of each head, as transformers' `rotate_half` does); the loaders in
 `weights.py` convert Meta and GGUF checkpoints, which store q/k rows interleaved, into this layout.
 
-The adapter hooks one place: `Attention.forward` adds the gated prompt term
+An adapter reaches the base in two ways. Every adapter: `Attention.forward` adds the gated prompt term
     tanh(g_h) * softmax(Q_h K_p,hᵀ / √d) V_p,h
 to the untouched causal attention, with K_p/V_p = prompt · W_k/W_v (no RoPE) computed once by
 `Attention.project_prompt` and handed in through `AdapterKV` (see adapter.py and the README's
-"The adapter, exactly").
+"The adapter, exactly"). V2 adapters also tune the base itself (tuning.py): their biases, LoRA terms
+and norm weights are put into this model's projections and norms while they are in use, which is why
+this file reads projections through `frozen_projection` (prompt K/V) and `fused_tuning` (fused decoding).
 
 Every frozen projection is a `Linear`; `replace_linears` swaps them for another implementation
-(quantised weights, a trainable low-rank or bias term) without touching this file.
+(quantised weights, or tuning.py's wrapper that adds a bias or low-rank term).
 """
 
 from __future__ import annotations

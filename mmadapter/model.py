@@ -1,7 +1,9 @@
 """The composed model: frozen base LM + (optional) adapter + (optional) frozen CLIP tower.
 
-`MMAdapter` owns no trainable weights of its own: the adapter does. Swapping `model.adapter` (or passing
-`adapter=` per call) selects another adapter over the same base without copying it.
+`MMAdapter` owns no trainable weights of its own: the adapter does. `use_adapter` (or `adapter=` per call)
+selects another adapter over the same base without copying it. Towers are compared by towers.is_tower:
+`shared_tower` finds or builds the one an adapter names, `adopt_tower` gives it to the adapter (the first
+becomes the model's).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class MMAdapter(nn.Module):
             self.attach_vision(vision)
 
     # ------------------------------------------------------------------------------------------
-    # composition: the only place that sets the parts of the model
+    # composition: the package sets the model's parts (tower, feature cache, adapter) only through these
 
     @property
     def device(self) -> torch.device:

@@ -1,4 +1,9 @@
-"""Flags shared by several sub-commands, so they are spelled the same everywhere."""
+"""The model flags of chat, eval and eval-vqa (add_model_args), the sampling flags of chat, and `--vision`
+for every command that builds towers (serve too), so those are spelled and parsed the same.
+
+Not shared yet: serve (app/serve.py) and convert declare their own --base, and serve its own --adapter
+and --dtype (without float16); convert's --vision names a tower config only (no weights are read).
+"""
 
 from __future__ import annotations
 
