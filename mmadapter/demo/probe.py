@@ -18,6 +18,17 @@ import torch
 from ..data import shapes
 
 
+TRAIN_SPLIT, TEST_SPLIT = "val", "test"  # probes never train on the adapter's "train" scenes
+IMAGE_SIZE = 64  # scenes are rendered at the demo tower's input side
+
+
+def featurise_scenes(featurise: Callable[[list], torch.Tensor], scenes: list[shapes.Scene], batch_size: int = 256
+                     ) -> torch.Tensor:
+    """`featurise(PIL images) -> [B, F]` over scenes rendered at IMAGE_SIZE, in batches -> [N, F] float32."""
+    return torch.cat([featurise([shapes.render(s, IMAGE_SIZE) for s in scenes[i:i + batch_size]]).float()
+                      for i in range(0, len(scenes), batch_size)])
+
+
 def scene_targets(scene: shapes.Scene) -> dict[str, int]:
     """Label per probe task; -1 where the task does not apply to this scene."""
     out: dict[str, int] = {"count": len(scene.objects) - 1}
@@ -56,14 +67,13 @@ def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor
 def probe_tower(featurise: Callable[[list], torch.Tensor], n_train: int = 3000, n_test: int = 1000) -> dict[str, float]:
     """Probe accuracy per attribute group (averaged over colours), from `featurise(PIL images) -> [N, F]`."""
     data = {}
-    for split, n in (("val", n_train), ("test", n_test)):
+    for split, n in ((TRAIN_SPLIT, n_train), (TEST_SPLIT, n_test)):
         scenes = [shapes.make_scene(split, i) for i in range(n)]
-        feats = torch.cat([featurise([shapes.render(s, 64) for s in scenes[i:i + 256]]) for i in range(0, n, 256)])
-        data[split] = (feats.float(), [scene_targets(s) for s in scenes])
+        data[split] = (featurise_scenes(featurise, scenes), [scene_targets(s) for s in scenes])
     results: dict[str, list[float]] = {}
-    for task in data["val"][1][0]:
+    for task in data[TRAIN_SPLIT][1][0]:
         sets = []
-        for split in ("val", "test"):
+        for split in (TRAIN_SPLIT, TEST_SPLIT):
             feats, targets = data[split]
             labels = torch.tensor([t[task] for t in targets])
             keep = labels >= 0
