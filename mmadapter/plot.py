@@ -59,3 +59,36 @@ def _smooth(values: Iterable[float], weight: float = 0.9) -> list[float]:
         avg = weight * avg + (1 - weight) * v
         out.append(avg / (1 - weight**i))
     return out
+
+
+def plot_accuracy_curves(points: Iterable[Mapping[str, Any]], path: str | os.PathLike, title: str = "",
+                         chance: Mapping[str, float] | None = None) -> Path:
+    """Accuracy per question type (one line each) against training presentations, with optional dashed
+    chance levels (e.g. the best an image-blind answerer gets), from points
+    [{"presentations": n, "accuracy": {type: percent}}]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = list(points)
+    kinds = sorted({k for p in points for k in p["accuracy"]})
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for i, kind in enumerate(kinds):
+        series = [(p["presentations"], p["accuracy"][kind]) for p in points if kind in p["accuracy"]]
+        color = f"C{i}"
+        ax.plot(*zip(*series), "o-", color=color, markersize=3, label=kind)
+        if chance and kind in chance:
+            ax.axhline(chance[kind], color=color, linestyle=":", linewidth=1)
+    ax.set_xlabel("training questions presented")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title or "accuracy per question type")
+    ax.grid(alpha=0.3)
+    if kinds:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return path

@@ -23,8 +23,10 @@ if TYPE_CHECKING:
 CHAT_PROMPTS_FILE = Path(__file__).with_name("chat_prompts.txt")
 
 
-def image_qa_records(image_dir: Path, n_scenes: int, split: str = "train", progress: bool = True) -> list[dict[str, Any]]:
-    """Render scenes 0..n_scenes-1 of a split as PNGs (varied size, noise, JPEG) with one question of each kind."""
+def image_qa_records(image_dir: Path, n_scenes: int, split: str = "train", per_kind: int = 1,
+                     progress: bool = True) -> list[dict[str, Any]]:
+    """Render scenes 0..n_scenes-1 of a split as PNGs (varied size, noise, JPEG) with up to `per_kind`
+    questions of each kind."""
     image_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for index in tqdm(range(n_scenes), desc=f"{split} scenes", disable=not progress):
@@ -34,8 +36,8 @@ def image_qa_records(image_dir: Path, n_scenes: int, split: str = "train", progr
         path = image_dir / name
         if not path.is_file():
             shapes.render_varied(scene, rng).save(path)
-        for qa in shapes.pick_questions(scene, rng):
-            records.append({"id": f"{split}-{index}-{qa.kind}", "question": qa.question, "answer": qa.answer,
+        for number, qa in enumerate(shapes.pick_questions(scene, rng, per_kind=per_kind)):
+            records.append({"id": f"{split}-{index}-{qa.kind}-{number}", "question": qa.question, "answer": qa.answer,
                             "image": name, "kind": qa.kind})
     return records
 

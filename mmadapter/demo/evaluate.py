@@ -71,6 +71,9 @@ def evaluate(model: MMAdapter, per_kind: int = 600, ablation_per_kind: int | Non
     runs = (("accuracy", data, True, "own-image"), ("other_scene", other_scene, True, "other-scene"),
             ("ablation", ablation_data, False, "no-image"))
     for name, questions, use_images, folder in runs:
+        if not questions.items:  # ablation_per_kind=0: the accuracy alone (e.g. at every checkpoint)
+            results[name] = {}
+            continue
         answers: dict[str, str] = {}
         metrics = evaluate_vqa(model, questions, metric="exact", batch_size=batch_size, use_images=use_images,
                                out=out / folder if out else None, progress=progress,

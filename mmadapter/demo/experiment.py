@@ -39,6 +39,7 @@ class Experiment:
     spatial_grid: int | None = None  # None: one token per patch
     n_prompts: int = 10  # for mlp; spatial/visual-query use the token count
     n_layers: int = 16
+    prompt_init_std: float = 1.0  # the prompts' N(0, std) start, against the image tokens added to them
     template: str = "chat-short"
     tower: str = "ShapesCLIP-64:shapes-demo"
     steps: int = 600
@@ -69,7 +70,8 @@ def build_experiment_model(e: Experiment) -> Any:
     n_prompts = e.n_prompts
     if e.projector == "spatial":
         n_prompts = spatial_token_count(tower.config, tower.feature_dim)[0]
-    model.add_adapter(mmadapter.AdapterConfig(n_prompts=n_prompts, n_layers=e.n_layers), seed=e.seed)
+    model.add_adapter(mmadapter.AdapterConfig(n_prompts=n_prompts, n_layers=e.n_layers,
+                                                    prompt_init_std=e.prompt_init_std), seed=e.seed)
     model.adapter.template = e.template
     return model
 
