@@ -335,8 +335,10 @@ class BatchEngine:
             slots = self._key_mask[request.row].nonzero().squeeze(1)  # [n]: its real slots, in order
             fed = slots.numel() - len(request.ids)  # the last emitted token was never fed back
             kv = self._storage[:, :, request.row][:, :, :, slots]  # [2, L, G, n, d]: a copy (indexed)
+            evicted = self.reuse.evicted
             self.reuse.store(request.context, request.ids + request.emitted[:fed], kv, len(request.ids))
-        log.debug("prefix reuse: %s", self.reuse.stats())
+        if self.reuse.evicted > evicted:  # the budget is full: say what it holds
+            log.info("prefix reuse: evicted the least recently used; %s", self.reuse.stats())
 
     # ------------------------------------------------------------------------------------------
     # the cache and the batch's prompt K/V
