@@ -45,3 +45,25 @@ def test_matvec_kernels_all_compute_the_same_product():
         x = torch.randn(1, w.shape[1])
         for name, product in products.items():
             torch.testing.assert_close(product(x, i), x @ w.t(), rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_quantised_candidates_compute_the_quantised_product():
+    """Every candidate bench/quant_kernels.py times computes x Wᵀ of its quantised W (the compiled ones
+    included), so the table compares kernels that do the same work."""
+    import torch
+    import torch.nn.functional as F
+
+    from bench.quant_kernels import candidates
+    from mmadapter.quant import Int4Linear, Int8Linear
+
+    torch.manual_seed(0)
+    weights = [torch.randn(64, 96) * 0.05]
+    products, compile_s = candidates(weights)
+    x = torch.randn(1, 96)
+    exact = {"fp32": F.linear(x, weights[0]), "int8": F.linear(x, Int8Linear.from_float(weights[0]).dense_weight()),
+             "4-bit": F.linear(x, Int4Linear.from_float(weights[0]).dense_weight())}
+    for name, product in products.items():
+        ref = exact[name.split()[0]]
+        tolerance = 0.01 if "bf16" in name else 1e-4  # bf16 activations round x
+        assert float((product(x, 0) - ref).norm() / ref.norm()) < tolerance, name
+    assert set(compile_s) == {"int8 compiled, fp32 x", "4-bit compiled, fp32 x"}
