@@ -99,18 +99,25 @@ def _answer_to_red(model, adapter=None):
         return model(_tokens(1), *model.image_features(_images("red"), **kw), **kw)
 
 
+def _saved_with_open_gates(model, path):
+    with torch.no_grad():
+        model.adapter.gates.fill_(0.3)
+    return save_adapter(model, path)
+
+
+def _over_another_tower(tiny_hf):
+    """A model over the same base whose tower has other (random, seed 5) weights than mm_model's."""
+    return build_model(str(tiny_hf[0]), AdapterConfig(n_prompts=4, n_layers=2),
+                       VisionConfig(model=TINY_VIT, pretrained=None, projector_hidden=16, seed=5), seed=3)
+
+
 def test_each_adapter_gets_the_tower_it_was_trained_with(mm_model, tiny_hf, tmp_path):
     """Two adapters over different towers in one set: both load and answer as each does alone."""
     from mmadapter.adapter_set import AdapterSet
 
-    with torch.no_grad():
-        mm_model.adapter.gates.fill_(0.3)
-    first = save_adapter(mm_model, tmp_path / "first.safetensors")
-    other = build_model(str(tiny_hf[0]), AdapterConfig(n_prompts=4, n_layers=2),
-                        VisionConfig(model=TINY_VIT, pretrained=None, projector_hidden=16, seed=5), seed=3)
-    with torch.no_grad():
-        other.adapter.gates.fill_(0.3)
-    second = save_adapter(other, tmp_path / "second.safetensors")
+    first = _saved_with_open_gates(mm_model, tmp_path / "first.safetensors")
+    other = _over_another_tower(tiny_hf)
+    second = _saved_with_open_gates(other, tmp_path / "second.safetensors")
     third = tmp_path / "third.safetensors"  # trained over the same tower as first: shares it
     third.write_bytes(first.read_bytes())
 
@@ -132,11 +139,8 @@ def test_a_saved_adapter_names_its_own_tower_not_the_models(mm_model, tiny_hf, t
     """An adapter holding its own tower (the model's is another) is saved with that tower, so it loads again."""
     from mmadapter.adapter_file import read_adapter
 
-    with torch.no_grad():
-        mm_model.adapter.gates.fill_(0.3)
-    first = save_adapter(mm_model, tmp_path / "first.safetensors")
-    other = build_model(str(tiny_hf[0]), AdapterConfig(n_prompts=4, n_layers=2),
-                        VisionConfig(model=TINY_VIT, pretrained=None, projector_hidden=16, seed=5), seed=3)
+    first = _saved_with_open_gates(mm_model, tmp_path / "first.safetensors")
+    other = _over_another_tower(tiny_hf)
     adapter = load_adapter(other, first, activate=False)
     again = save_adapter(other, tmp_path / "again.safetensors", adapter=adapter)
     meta = read_adapter(again)[0]
