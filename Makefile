@@ -10,7 +10,7 @@ Q ?= What is the capital of France?
 PYTEST_ARGS ?=
 APP_ARGS ?=
 
-.PHONY: setup test demo chat bench demo-weights demo-eval clean
+.PHONY: setup test demo chat bench bench-llamacpp demo-weights demo-eval clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,12 @@ chat: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# The quantised-decoding table with llama.cpp beside it: installs llama-cpp-python (pip builds it from source,
+# 12+ minutes on 2 cores), then decodes the same embedded GGUF with the same prompt tokens and threads.
+bench-llamacpp: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[bench]" $(TORCH)
+	$(BIN)/python -m bench --only quant_kernels --only quant
 
 # Rebuild the shipped shapes-world demo from scratch (generate -> CLIP tower -> adapter -> evaluation; about
 # an hour on 2 CPU cores) and copy the tower and adapter into mmadapter/demo/weights/.
