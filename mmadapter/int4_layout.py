@@ -9,14 +9,16 @@ other CPUs, so nothing here assumes one. Every known layout has the form
     code (row r, input k) is nibble nib[r] of byte  K * a[r] + k * h[r] + c[r]
 
 (rows grouped into blocks whose size grows linearly with the number of inputs K). The per-row a, h,
-c and nib are learnt by packing probes whose codes spell out row and input indices, for two small K;
-the prediction is then checked against a pack of random codes at the real shape. A layout outside
+c and nib are learnt by packing probes whose codes spell out row and input indices, for two small K,
+and grouped into blocks of consecutive rows (runs of blocks packed alike are read back with a reshape
+each); the result is then checked against a pack of random codes at the real shape. A layout outside
 this form is refused with an error naming the capability; it is never guessed.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -36,21 +38,67 @@ def pack(codes: Tensor) -> Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
 
 
-class Int4Layout:
-    """Per-row placement of the codes of an [n_rows, n_inputs] weight in the kernel's packed bytes."""
+@dataclass(frozen=True)
+class _BlockRun:
+    """Consecutive row blocks packed alike: block i holds rows first_row + i*len(order) onwards, its bytes
+    [n_inputs, len(order) / 2] start at byte n_inputs * (block_offset + i * len(order) / 2), and its row j is
+    nibble column order[j] of the block's bytes split into (low nibbles | high nibbles)."""
 
-    def __init__(self, a: Tensor, h: Tensor, c: Tensor, nib: Tensor, n_inputs: int) -> None:
-        self.n_inputs = n_inputs
-        self.row_base = a * n_inputs + c  # [rows] int64: byte of input 0
-        self.row_step = h  # [rows] int64: bytes between inputs k and k + 1
-        self.row_shift = nib * 4  # [rows] int64: 0 (low nibble) or 4 (high nibble)
+    first_row: int
+    n_blocks: int
+    block_offset: int
+    order: Tensor  # [rows per block] int64
+
+
+class Int4Layout:
+    """Where the codes of an [n_rows, n_inputs] weight sit in the kernel's packed bytes, as runs of blocks,
+    so reading codes back is a few reshapes and one column gather per run, not one index per code."""
+
+    def __init__(self, runs: list[_BlockRun], n_inputs: int) -> None:
+        self.runs, self.n_inputs = runs, n_inputs
 
     def unpack(self, packed: Tensor, start: int, end: int) -> Tensor:
         """Codes [end - start, n_inputs] (uint8, 0..15) of rows start..end from the packed bytes."""
-        k = torch.arange(self.n_inputs, device=packed.device)
-        index = self.row_base[start:end, None] + k * self.row_step[start:end, None]  # [rows, in]
-        shift = self.row_shift[start:end, None].to(torch.uint8)
-        return (packed.reshape(-1)[index] >> shift) & 15
+        flat, k = packed.reshape(-1), self.n_inputs
+        parts = []
+        for run in self.runs:
+            rows = len(run.order)
+            last_row = run.first_row + run.n_blocks * rows
+            if last_row <= start or run.first_row >= end:
+                continue
+            b0 = (max(start, run.first_row) - run.first_row) // rows
+            b1 = -(-(min(end, last_row) - run.first_row) // rows)
+            first_byte = k * (run.block_offset + b0 * rows // 2)
+            blocks = flat[first_byte:first_byte + (b1 - b0) * k * rows // 2].view(b1 - b0, k, rows // 2)
+            nibbles = torch.cat((blocks & 15, blocks >> 4), dim=2)  # [blocks, in, rows]: low nibbles, then high
+            by_column = nibbles.transpose(1, 2).contiguous()  # [blocks, rows, in]: nibble column j's codes
+            codes = by_column[:, run.order.to(packed.device)].reshape(-1, k)  # [blocks * rows, in]
+            offset = run.first_row + b0 * rows
+            parts.append(codes[max(start, offset) - offset:min(end, last_row) - offset])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _runs(a: Tensor, h: Tensor, c: Tensor, nib: Tensor, n_rows: int) -> list[_BlockRun]:
+    """Group rows into blocks (the rows sharing a block offset a, consecutive, 2h of them) and consecutive
+    blocks of one shape into runs; a placement that does not split that way is refused."""
+    runs: list[_BlockRun] = []
+    row = 0
+    while row < n_rows:
+        size = 2 * int(h[row])
+        block = slice(row, row + size)
+        if size < 2 or row + size > n_rows or not bool((a[block] == a[row]).all()) or not bool((h[block] == h[row]).all()):
+            raise Int4LayoutError(_unknown(f"{n_rows} rows (rows of a block are not consecutive)"))
+        order = nib[block] * (size // 2) + c[block]  # nibble column of each row of the block
+        if not torch.equal(order.sort().values, torch.arange(size)):
+            raise Int4LayoutError(_unknown(f"{n_rows} rows (a block does not hold each of its rows once)"))
+        last = runs[-1] if runs else None
+        if (last is not None and torch.equal(last.order, order)
+                and int(a[row]) == last.block_offset + last.n_blocks * size // 2):
+            runs[-1] = _BlockRun(last.first_row, last.n_blocks + 1, last.block_offset, last.order)
+        else:
+            runs.append(_BlockRun(row, 1, int(a[row]), order))
+        row += size
+    return runs
 
 
 @functools.cache
@@ -89,7 +137,7 @@ def _nibble_positions(n_rows: int, n_inputs: int) -> Tensor:
 def layout_for(n_rows: int, n_inputs: int) -> Int4Layout:
     """The learnt layout of an [n_rows, n_inputs] weight, checked on random codes at that shape (once per
     shape and process: layers of one shape share it)."""
-    layout = Int4Layout(*_row_placement(n_rows), n_inputs)
+    layout = Int4Layout(_runs(*_row_placement(n_rows), n_rows), n_inputs)
     codes = torch.randint(0, 16, (n_rows, n_inputs), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     if not torch.equal(layout.unpack(pack(codes), 0, n_rows), codes):
         raise Int4LayoutError(_unknown(f"{n_rows} rows x {n_inputs} inputs (random codes do not read back)"))

@@ -190,10 +190,10 @@ class Int4Linear(QuantLinear):
         return self.layout.unpack(self.weight_int4, start, end)
 
     def dequantize(self, start: int, end: int, dtype: torch.dtype) -> Tensor:
-        sz = self.weight_scale_zero[:, start:end].to(dtype)  # [groups, rows, 2]
-        scale = sz[..., 0].t().repeat_interleave(GROUP_SIZE, dim=1)  # [rows, in]
-        zero = sz[..., 1].t().repeat_interleave(GROUP_SIZE, dim=1)
-        return (self.codes(start, end).to(dtype) - 8) * scale + zero
+        sz = self.weight_scale_zero[:, start:end].to(dtype).transpose(0, 1)  # [rows, groups, 2]
+        codes = self.codes(start, end).to(dtype).view(end - start, -1, GROUP_SIZE)  # [rows, groups, 32]
+        weight = (codes - 8).mul_(sz[..., :1]).add_(sz[..., 1:])  # (q - 8) * scale + zero, per group
+        return weight.view(end - start, self.in_features)
 
 
 class Int8Embedding(nn.Module):
