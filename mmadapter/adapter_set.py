@@ -2,10 +2,9 @@
 
 Adapters are small (~1M parameters) and separate from the base, so a set holds one base and many
 adapters; a request passes the chosen one to `MMAdapter.generate/stream(adapter=...)`, and the base's
-weights are never copied. Prompts, gates and projectors are read from the adapter per call; a V2 adapter's
-bias, norm and LoRA tensors are put into the shared base for the call (tuning.apply_tuning) and taken
-out when another adapter is used. Files that fail to load are recorded in `errors` (and logged), not
-raised, so one bad file does not take the others down.
+weights are never copied or written. Prompts, gates, projectors and a V2 adapter's bias, norm and LoRA
+tensors are read from the adapter per call (the request's state, `MMAdapter.adapter_kv`). Files that fail
+to load are recorded in `errors` (and logged), not raised, so one bad file does not take the others down.
 """
 
 from __future__ import annotations

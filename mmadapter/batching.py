@@ -18,8 +18,9 @@ generated tokens at the cursor's slots, so the slots between are masked out; RoP
 row's real tokens only (the key mask), which makes the gap invisible. When the cache would overflow,
 the rows are compacted (their real slots moved to the front, positions unchanged). Rows whose
 adapters cover different layers share a batch (absent layers get a zero gate), and so do adapters with
-different projectors and the same number of prompts; adapters with a different number of prompts, or another
-V2 bias/LoRA tuning of the base (which lives in the shared base weights), wait until the batch has drained.
+different projectors and V2 bias/LoRA tuning (each row's terms come with it: tuning.RowTuning, fused for
+the whole batch when every row has the same) as long as they have the same number of prompts; an adapter
+with a different number of prompts waits until the batch has drained.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .decode_step import DecodeStep
 from .generate import Sampling, decode_one_token, sample, text_pieces
-from .llama import AdapterKV, DecodeStep, KVCache
+from .llama import AdapterKV, KVCache
 from .prefix_reuse import Context, PrefixReuse, request_context
+from .tuning import RowTuning
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -71,11 +74,6 @@ class _Request:
     def n_prompts(self) -> int | None:
         return None if self.adapter is None else int(self.adapter.prompts.shape[1])
 
-    @property
-    def tuning(self) -> int | None:
-        """Which V2 bias/norm/LoRA tuning the base must carry for this request (None: the plain base)."""
-        return None if self.adapter is None or self.adapter.tuning is None else id(self.adapter.tuning)
-
 
 class BatchEngine:
     """Decode many requests together. `submit` token ids or `stream` text, from any number of threads."""
@@ -101,7 +99,7 @@ class BatchEngine:
         self._key_mask: Tensor | None = None  # [R, S]: True where a row's slot holds one of its tokens
         self._cursor = 0  # the slot the next decoding step writes
         self._batch_kv: AdapterKV | None = None
-        self._decode_step: DecodeStep | None = None  # rebuilt with the batch's K/V: it captures the base's layers
+        self._decode_step = DecodeStep(self.base)  # one for the engine: the base never changes, rows bring the rest
         self._kv_stale = True
         self.peak_rows = 0  # most requests decoded together so far (for tests and benchmarks)
         self.steps = 0
@@ -203,8 +201,6 @@ class BatchEngine:
                 break
             if request.n_prompts is not None and n_prompts - {request.n_prompts}:
                 continue  # another prompt count is decoding: wait until it drains
-            if any(r.tuning != request.tuning for r in active + admitted):
-                continue  # V2 tuning lives in the shared base: one tuning per batch
             rows = active + admitted + [request]
             start = max(cursor, len(request.ids))
             if start + _remaining(rows) > self.capacity:
@@ -291,7 +287,6 @@ class BatchEngine:
         with torch.inference_mode():
             if self._kv_stale:
                 self._batch_kv, self._kv_stale = self._build_batch_kv(), False
-                self._decode_step = DecodeStep(self.base)
             rows = self._storage.shape[2]  # every cache row takes part; free ones decode padding
             device = self._storage.device
             tokens = torch.zeros(rows, dtype=torch.long, device=device)
@@ -372,7 +367,7 @@ class BatchEngine:
         self._cursor = max([longest] + [len(r.ids) for r in self._prefilling])  # still past held prompts
 
     def _build_batch_kv(self) -> AdapterKV | None:
-        """Per-row prompt K/V [R, G, K, d] and gates [L, R, H] (zero for rows without that layer)."""
+        """Per-row prompt K/V [R, G, K, d], gates [L, R, H] (zero for rows without that layer) and V2 tuning."""
         with_kv = [r for r in self._active() if r.kv is not None]
         if not with_kv:
             return None
@@ -391,7 +386,23 @@ class BatchEngine:
                     pk[request.row], pv[request.row] = request.kv.kv[j][0][0], request.kv.kv[j][1][0]
                     gates[layer - first, request.row] = request.kv.gates[j]
             kv.append((pk, pv))
-        return AdapterKV(first, kv, gates)
+        return AdapterKV(first, kv, gates, self._batch_tuning(rows))
+
+    def _batch_tuning(self, rows: int) -> RowTuning | None:
+        """Each V2 adapter's tuning with the rows that use it; for every row when all active rows share one
+        (free rows decode padding whatever they compute: the fused fast path)."""
+        active = self._active()
+        groups: dict[int, tuple[object, list[int]]] = {}
+        for request in active:
+            tuning = request.adapter.tuning if request.adapter is not None else None
+            if tuning is not None:
+                groups.setdefault(id(tuning), (tuning, []))[1].append(request.row)
+        if not groups:
+            return None
+        if len(groups) == 1 and all(r.adapter is not None and r.adapter.tuning is not None for r in active):
+            return RowTuning.single(next(iter(groups.values()))[0])
+        device = self._storage.device
+        return RowTuning([(t, torch.tensor(r, dtype=torch.long, device=device)) for t, r in groups.values()], rows)
 
 
 class _Cancelled(Exception):

@@ -5,10 +5,10 @@ A cold compile takes tens of seconds to minutes on a CPU, so it must never hold 
 (warming it on a scratch cache with that request's adapter prompts); until it is done, decoding runs the
 eager step, and the steps after that run the compiled graph. A compile that fails (no C compiler, an op
 inductor cannot lower) or is not done within its time budget leaves the eager step in place, with one
-warning line. The graph covers one case: batch 1 without padding, with the adapter layout it was compiled
-for, on the base as it was then; anything else (a batch, another adapter shape, reloaded or tuned weights)
-runs eagerly rather than recompiling on the caller's thread. Whether it pays depends on the CPU (README,
-"Decoding speed").
+warning line. The graph covers one case: batch 1 without padding, with the adapter layout (prompts, V2
+tuning) it was compiled for, on the base as it was then; anything else (a batch, another adapter shape,
+reloaded weights) runs eagerly rather than recompiling on the caller's thread. Whether it pays depends on
+the CPU (README, "Decoding speed").
 """
 
 from __future__ import annotations
@@ -21,19 +21,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .llama import AdapterKV, DecodeStep, KVCache, Llama
-from .tuning import TunedLinear
+from .decode_step import DecodeStep, Prepared
+from .llama import AdapterKV, KVCache, Llama
 
 log = logging.getLogger(__name__)
 
 
 def base_signature(base: Llama) -> tuple:
-    """Identity of the base's modules and weights: changes when a projection, norm or weight is replaced, and
-    when V2 biases or LoRA factors change in place (training), since the step holds them fused (a copy)."""
-    tuned = [t for m in base.modules() if isinstance(m, TunedLinear) for t in (m.bias, m.lora_a, m.lora_b)
-             if t is not None]
-    return (tuple(map(id, base.modules())), tuple((id(p), p.data_ptr()) for p in base.parameters()),
-            tuple((id(t), t._version) for t in tuned))
+    """Identity of the base's modules and weights: changes when a projection, norm or weight is replaced. (A
+    request's V2 tuning is no part of the base: the step takes it, fused, as an input of every call.)"""
+    return tuple(map(id, base.modules())), tuple((id(p), p.data_ptr()) for p in base.parameters())
 
 
 class BackgroundCompile:
@@ -54,16 +51,16 @@ class BackgroundCompile:
         return _SwitchingStep(self, DecodeStep(self.base), base_signature(self.base))
 
     def compiled_for(self, eager: DecodeStep, signature: tuple, token: Tensor, key_mask: Tensor | None,
-                     prompts: list) -> Any:
+                     prepared: Prepared) -> Any:
         """The compiled `run` when it is ready and applies to this call, else None (starting the compile at
         the first call it could serve)."""
         if token.shape[0] != 1 or key_mask is not None or self.failure is not None:
             return None
-        case = (signature, tuple(p is None for p in prompts))
+        case = (signature, _layout(prepared))
         with self._lock:
             if self._started is None:
                 self._started, self._case = time.monotonic(), case
-                threading.Thread(target=self._compile, args=(eager, prompts), name="mmadapter-compile",
+                threading.Thread(target=self._compile, args=(eager, prepared), name="mmadapter-compile",
                                  daemon=True).start()
                 return None
         if self.compiled is None:
@@ -72,14 +69,14 @@ class BackgroundCompile:
             return None
         return self.compiled if case == self._case else None
 
-    def _compile(self, eager: DecodeStep, prompts: list) -> None:
+    def _compile(self, eager: DecodeStep, prepared: Prepared) -> None:
         try:
             fn = torch.compile(eager.run, dynamic=True, mode=self.mode, backend=self.backend)  # one object each
             with torch.inference_mode():
                 storage = self.base.new_cache(1, 4)  # scratch: the request's own cache is in use
                 cache, token = self.base.layer_caches(storage), torch.zeros(1, dtype=torch.long, device=storage.device)
                 for pos in (1, 2):  # two lengths: the graph is the dynamic one that serves every length
-                    fn(token, pos, torch.tensor([pos], device=storage.device), cache, None, prompts)
+                    fn(token, pos, torch.tensor([pos], device=storage.device), cache, None, prepared)
         except Exception as e:  # noqa: BLE001 - any compile failure means: stay eager, say why once
             self._give_up(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
             return
@@ -102,12 +99,20 @@ class _SwitchingStep:
 
     def __call__(self, token: Tensor, pos: int, cache: list[KVCache], key_mask: Tensor | None,
                  adapter: AdapterKV | None) -> Tensor:
-        prompts = self.eager.prompts(adapter, self.eager.base.norm.weight.dtype)
-        compiled = self.owner.compiled_for(self.eager, self.signature, token, key_mask, prompts)
+        prepared = self.eager.prepare(adapter, self.eager.base.norm.weight.dtype)
+        compiled = self.owner.compiled_for(self.eager, self.signature, token, key_mask, prepared)
         if compiled is not None:
             try:
                 with torch.compiler.set_stance("fail_on_recompile"):  # never compile on the caller's thread
-                    return compiled(token, pos, torch.tensor([pos], device=token.device), cache, key_mask, prompts)
+                    return compiled(token, pos, torch.tensor([pos], device=token.device), cache, key_mask, prepared)
             except Exception:  # noqa: BLE001 - a call the graph does not cover: the eager step answers it
                 log.debug("compiled decode step does not cover this call; eager", exc_info=True)
-        return self.eager.run(token, pos, torch.tensor([pos], device=token.device), cache, key_mask, prompts)
+        return self.eager.run(token, pos, torch.tensor([pos], device=token.device), cache, key_mask, prepared)
+
+
+def _layout(prepared: Prepared) -> tuple:
+    """Which layers have prompts and which V2 terms: a graph compiled for one layout serves only that one."""
+    def tuned(t):
+        return None if t is None else (t.attention_norm is None, t.ffn_norm is None,
+                                       tuple(None if p is None else (len(p.lora), p.bias is None) for p in t.products))
+    return (tuple(p is None for p in prepared.prompts), tuple(map(tuned, prepared.tuning)), prepared.norm is None)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .llama import AdapterKV, DecodeStep, KVCache, Llama
+from .decode_step import DecodeStep
+from .llama import AdapterKV, KVCache, Llama
 from .tokenizer import Tokenizer
 
 

@@ -8,12 +8,12 @@ An adapter reaches the base in two ways. Every adapter: `Attention.forward` adds
     tanh(g_h) * softmax(Q_h K_p,hᵀ / √d) V_p,h
 to the untouched causal attention, with K_p/V_p = prompt · W_k/W_v (no RoPE) computed once by
 `Attention.project_prompt` and handed in through `AdapterKV` (see adapter.py and the README's
-"The adapter, exactly"). V2 adapters also tune the base itself (tuning.py): their biases, LoRA terms
-and norm weights are put into this model's projections and norms while they are in use, which is why
-this file reads projections through `frozen_projection` (prompt K/V) and `fused_tuning` (fused decoding).
+"The adapter, exactly"). V2 adapters also tune the base (tuning.py): their biases, LoRA terms and norm
+weights come with the request too (`AdapterKV.tuning`, per row of a batch) and are added after the frozen
+products; nothing here is ever written after loading. The lean one-token step is decode_step.py.
 
 Every frozen projection is a `Linear`; `replace_linears` swaps them for another implementation
-(quantised weights, or tuning.py's wrapper that adds a bias or low-rank term).
+(quantised weights).
 """
 
 from __future__ import annotations
@@ -21,14 +21,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LlamaConfig
-from .matvec import matvec_or_matmul, split_matvec, thread_split
-from .tuning import frozen_projection, fused_tuning
+from .matvec import matvec_or_matmul
+
+if TYPE_CHECKING:
+    from .tuning import LayerTerms, RowTuning
 
 
 class Linear(nn.Linear):
@@ -47,16 +50,15 @@ class Linear(nn.Linear):
         return self.weight
 
 
-def fused_weight(owner: nn.Module, names: tuple[str, ...], linears: list[nn.Module] | None = None) -> Tensor | None:
+def fused_weight(owner: nn.Module, names: tuple[str, ...]) -> Tensor | None:
     """The weights of `owner`'s plain `Linear`s `names` as one [Σ out, in] tensor, so one product replaces
     several; None when any of them is another module (quantised) or trainable: those stay separate.
-    `linears`: the modules to fuse when they are not `names` themselves (the frozen ones inside V2 tuning).
 
     Concatenated on first use; the Linears' weights then become views into it, so resident memory does not
     grow and loading, training and state dicts see the same parameters. Whatever replaces a weight (loading
     with assign, `.to()`, swapping the module) is noticed here, and the weights are fused again.
     """
-    linears = linears or [getattr(owner, n) for n in names]
+    linears = [getattr(owner, n) for n in names]
     weights = [m.weight for m in linears if type(m) is Linear and not m.weight.requires_grad]
     if len(weights) < len(names) or len({(w.dtype, w.device) for w in weights}) != 1:
         return None
@@ -87,7 +89,7 @@ class Embedding(nn.Embedding):
 def replace_linears(module: nn.Module, make: Callable[[str, Linear], nn.Module]) -> int:
     """Replace every frozen `Linear` under `module` by `make(qualified_name, linear)`; returns how many.
 
-    The seam for variants of the frozen projections (weight-only quantisation, LoRA or bias tuning):
+    The seam for variants of the frozen projections (weight-only quantisation):
     each lives in its own module and swaps the layers after loading, so this file never branches.
     An untied `output` head is read through its `.weight` (`head_weight`), so its replacement keeps one.
     """
@@ -104,13 +106,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == self.weight.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one op, the same math as below
+    def forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
+        """x [B, ..., C]; weight: another one than the base's (V2 tuning): [C], or [B, C] one per row."""
+        weight = self.weight if weight is None else weight
+        if weight.dim() > 1:
+            weight = weight.view(weight.shape[0], *[1] * (x.dim() - 2), weight.shape[-1])  # [B, 1.., C]
+        if x.dtype == weight.dtype == torch.float32:
+            if weight.dim() == 1:
+                return F.rms_norm(x, (x.shape[-1],), weight, self.eps)  # one op, the same math as below
+            return F.rms_norm(x, (x.shape[-1],), None, self.eps) * weight
         # Normalise in fp32 whatever the activation dtype (as the reference and transformers do).
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight.to(x.dtype) * x32.to(x.dtype)  # a tuned fp32 weight (V2) keeps bf16 activations bf16
+        return weight.to(x.dtype) * x32.to(x.dtype)  # a tuned fp32 weight (V2) keeps bf16 activations bf16
 
 
 def rope_inv_freq(config: LlamaConfig) -> Tensor:
@@ -153,12 +161,14 @@ class AdapterKV:
 
     first_layer: index of the lowest adapted layer; kv[i] belongs to layer first_layer + i and holds
     (k, v) of shape [B or 1, n_kv_heads, K, head_dim]; gates [L, n_heads] (or [L, B, n_heads], one adapter
-    per row of a continuous batch) are already tanh-ed.
+    per row of a continuous batch) are already tanh-ed. tuning: the V2 biases, norms and LoRA of the request
+    (or of each row of a batch), added to every layer's frozen products; None without V2 tuning.
     """
 
     first_layer: int
     kv: list[tuple[Tensor, Tensor]]
     gates: Tensor
+    tuning: RowTuning | None = None
 
     def for_layer(self, i: int) -> tuple[Tensor, Tensor, Tensor] | None:
         j = i - self.first_layer
@@ -231,25 +241,24 @@ class Attention(nn.Module):
     @property
     def activation_dtype(self) -> torch.dtype:
         """The activations' dtype: the weights' for float bases, fp32 (the norms') for quantised ones."""
-        weight = getattr(frozen_projection(self.wo), "weight", None)
+        weight = getattr(self.wo, "weight", None)
         return weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
 
     def project_prompt(self, prompt: Tensor) -> tuple[Tensor, Tensor]:
         """Adaptation prompts [Bp, K, C] through this layer's frozen W_k / W_v (never their LoRA), without RoPE."""
         bp, n, _ = prompt.shape
-        wk, wv = frozen_projection(self.wk), frozen_projection(self.wv)
         prompt = prompt.to(self.activation_dtype)
-        k = wk(prompt).view(bp, n, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [Bp, G, K, d]
-        v = wv(prompt).view(bp, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(prompt).view(bp, n, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [Bp, G, K, d]
+        v = self.wv(prompt).view(bp, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return k, v
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None = None,
                 input_pos: Tensor | None = None, end: int = 0,
-                prompt: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+                prompt: tuple[Tensor, Tensor, Tensor] | None = None, terms: LayerTerms | None = None) -> Tensor:
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, d]
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, d]
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = _tuned(self.wq, "wq", x, terms).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, d]
+        k = _tuned(self.wk, "wk", x, terms).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, d]
+        v = _tuned(self.wv, "wv", x, terms).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(input_pos, k, v, end)  # [B, G, S, d]
@@ -258,11 +267,11 @@ class Attention(nn.Module):
         else:
             y = attend(q, k, v, mask, causal=mask is None)  # [B, H, T, d]
             if prompt is not None:
-                pk, pv, gate = prompt  # [Bp, G, K, d] x2, gate [H] (tanh applied)
+                pk, pv, gate = prompt  # [Bp, G, K, d] x2, gate [H] or per row [B, H] (tanh applied)
                 pk, pv = pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1)
                 y_prompt = attend(q, pk, pv, None, causal=False)  # every query sees all K prompts
-                y = y + gate.to(y.dtype).view(1, -1, 1, 1) * y_prompt
-        return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+                y = y + gate.to(y.dtype).reshape(-1, self.n_heads, 1, 1) * y_prompt
+        return _tuned(self.wo, "wo", y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), terms)
 
 
 class FeedForward(nn.Module):
@@ -272,8 +281,14 @@ class FeedForward(nn.Module):
         self.w3 = Linear(config.dim, config.ffn_dim)  # up
         self.w2 = Linear(config.ffn_dim, config.dim)  # down
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: Tensor, terms: LayerTerms | None = None) -> Tensor:
+        return _tuned(self.w2, "w2", F.silu(_tuned(self.w1, "w1", x, terms)) * _tuned(self.w3, "w3", x, terms), terms)
+
+
+def _tuned(projection: nn.Module, name: str, x: Tensor, terms: LayerTerms | None) -> Tensor:
+    """The frozen product plus the request's V2 terms of projection `name`, when it has any."""
+    y = projection(x)
+    return y if terms is None else terms.add(name, x, y)
 
 
 class Block(nn.Module):
@@ -286,9 +301,11 @@ class Block(nn.Module):
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None, cache: KVCache | None = None,
                 input_pos: Tensor | None = None, end: int = 0,
-                prompt: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
-        h = h + self.attention(self.attention_norm(h), cos, sin, mask, cache, input_pos, end, prompt)
-        return h + self.feed_forward(self.ffn_norm(h))
+                prompt: tuple[Tensor, Tensor, Tensor] | None = None, terms: LayerTerms | None = None) -> Tensor:
+        norm1 = None if terms is None else terms.norm_weight("attention_norm", self.attention_norm.weight)
+        h = h + self.attention(self.attention_norm(h, norm1), cos, sin, mask, cache, input_pos, end, prompt, terms)
+        norm2 = None if terms is None else terms.norm_weight("ffn_norm", self.ffn_norm.weight)
+        return h + self.feed_forward(self.ffn_norm(h, norm2), terms)
 
 
 class Llama(nn.Module):
@@ -354,11 +371,13 @@ class Llama(nn.Module):
         cos, sin = self.rope(end)
         cos, sin = cos[positions].unsqueeze(-3), sin[positions].unsqueeze(-3)  # [B or 1, 1, T, d]
         first_trained = adapter.first_layer if adapter is not None else self.config.n_layers
+        tuning = adapter.tuning if adapter is not None else None
         for i in range(start_layer, self.config.n_layers):
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_trained):
                 h = self.layers[i](h, cos, sin, mask, cache[i] if cache else None, input_pos, end,
-                                   adapter.for_layer(i) if adapter is not None else None)
-        return self.norm(h)
+                                   adapter.for_layer(i) if adapter is not None else None,
+                                   tuning.layer(i) if tuning is not None else None)
+        return self.norm(h, tuning.norm_weight(None, "norm", self.norm.weight) if tuning is not None else None)
 
     def prefix(self, tokens: Tensor, n_layers: int) -> Tensor:
         """Output of the bottom n_layers [B, T, C] (frozen, no autograd): what the prefix cache stores."""
@@ -391,99 +410,3 @@ class Llama(nn.Module):
         # A padding query sees no real key; let it see itself so its softmax stays finite (no NaN leaks).
         mask = mask | (keys[None, :] == input_pos[:, None])[None]
         return positions, mask[:, None]
-
-
-class DecodeStep:
-    """The one-token decoding step, lean: `Llama.forward` dispatches ~50 ops per layer for one token (each a
-    fixed few µs on a CPU), this ~35: fused q/k/v and gate/up products (`fused_weight`) whose one-row split
-    over the threads is prepared once, RoPE as one multiply-add over q and k (1/√d folded into q's table),
-    the new k/v written straight into the cache, the prompt term in one place. The rest is prepared per
-    request, so a token costs one Python loop over the layers. The math is `Llama.forward`'s. Build one per
-    request (or batch composition): it captures the layers' projections as they are then."""
-
-    def __init__(self, base: Llama) -> None:
-        c, self.base = base.config, base
-        self.shape = (c.n_heads, c.n_kv_heads, c.head_dim)
-        self.layers = [(b.attention_norm, _product(b.attention, ("wq", "wk", "wv")), _product(b.attention, ("wo",)),
-                        b.ffn_norm, _product(b.feed_forward, ("w1", "w3")), _product(b.feed_forward, ("w2",)))
-                       for b in base.layers]
-        tied = base.output is None and type(base.tok_embeddings) is Embedding
-        self.head = _product(base, ("tok_embeddings",)) if tied else base.head
-        h, g, d = self.shape
-        scale = torch.cat((torch.full((h, 1), d**-0.5), torch.ones(g, 1))).to(base.device)  # [H+G, 1]
-        sign = torch.cat((-torch.ones(d // 2), torch.ones(d // 2))).to(base.device)  # rotate_half as a roll
-        self.cos_scale, self.sin_scale = scale, scale * sign  # [H+G, 1], [H+G, d]
-        self._adapter, self._prompts = None, [None] * c.n_layers  # type: ignore[var-annotated]
-
-    def prompts(self, adapter: AdapterKV | None, dtype: torch.dtype) -> list[tuple[Tensor, Tensor, Tensor] | None]:
-        """Per layer (prompt keys ᵀ [Bp, G, d, K], values [Bp, G, K, d], gate [1 or B, G, H/G, 1]) or None."""
-        if adapter is not self._adapter:
-            h, g, d = self.shape
-            self._adapter, self._prompts = adapter, [None] * len(self.layers)
-            for i in range(adapter.first_layer if adapter else len(self.layers), len(self.layers)):
-                pk, pv, gate = adapter.for_layer(i)  # type: ignore[union-attr,misc]
-                self._prompts[i] = (pk.transpose(-1, -2), pv, gate.to(dtype).reshape(-1, g, h // g, 1))
-        return self._prompts
-
-    def __call__(self, token: Tensor, pos: int, cache: list[KVCache], key_mask: Tensor | None,
-                 adapter: AdapterKV | None) -> Tensor:
-        """The tokens [B] at cache slot `pos` in, logits [B, V] of the next token out."""
-        prompts = self.prompts(adapter, self.base.norm.weight.dtype)  # the activations' dtype
-        return self.run(token, pos, torch.tensor([pos], device=token.device), cache, key_mask, prompts)
-
-    def run(self, token: Tensor, pos: int, slot: Tensor, cache: list[KVCache], key_mask: Tensor | None,
-            prompts: list[tuple[Tensor, Tensor, Tensor] | None]) -> Tensor:
-        """The step itself, free of per-request state (what `torch.compile` may trace); slot: [pos]."""
-        (h_, g, d), end, x = self.shape, pos + 1, self.base.tok_embeddings(token)  # x [B, C]
-        b, dtype = x.shape[0], x.dtype
-        (cos, sin), hidden = self.base.rope(end), None
-        if key_mask is None:
-            cos, sin = cos[pos:end], sin[pos:end]  # [1, d]
-        else:
-            positions = key_mask[:, :pos].sum(-1)  # [B]: real tokens before this one (padding not counted)
-            cos, sin = cos[positions], sin[positions]  # [B, d]
-            hidden = ~key_mask[:, None, None, :end]  # [B, 1, 1, end]: padding slots
-            hidden[..., pos] = False  # a padding row sees itself (finite softmax), as in `Llama.forward`
-        cos = (cos[:, None] * self.cos_scale).to(dtype)  # [B or 1, H+G, d]: q's rows also carry 1/√d
-        sin = (sin[:, None] * self.sin_scale).to(dtype)
-        cast = dtype != torch.float32  # softmax runs in fp32
-        for (norm1, qkv, wo, norm2, w13, w2), layer_cache, prompt in zip(self.layers, cache, prompts):
-            qk, v = qkv(norm1(x)).view(b, h_ + 2 * g, d).split((h_ + g, g), 1)  # [B, H+G, d], [B, G, d]
-            qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)  # RoPE of q (with 1/√d) and k
-            q = qk[:, :h_].view(b, g, h_ // g, d)  # the query heads sharing each kv head
-            layer_cache.k.index_copy_(2, slot, qk[:, h_:, None])  # [B, G, 1, d] into slot pos
-            layer_cache.v.index_copy_(2, slot, v[:, :, None])
-            scores = q @ layer_cache.k[:, :, :end].transpose(-1, -2)  # [B, G, H/G, end]
-            if hidden is not None:
-                scores.masked_fill_(hidden, float("-inf"))
-            probs = scores.softmax(-1, dtype=torch.float32)
-            y = (probs.to(dtype) if cast else probs) @ layer_cache.v[:, :, :end]  # [B, G, H/G, d]
-            if prompt is not None:  # + tanh(g) · softmax(q K_pᵀ/√d) V_p: its own softmax, no RoPE
-                pk_t, pv, gate = prompt
-                probs = (q @ pk_t).softmax(-1, dtype=torch.float32)  # [B, G, H/G, K]
-                y.addcmul_(gate, (probs.to(dtype) if cast else probs) @ pv)
-            x = x + wo(y.view(b, h_ * d))
-            gate_up = w13(norm2(x))  # [B, 2F]
-            x = x + w2(F.silu(gate_up[:, : gate_up.shape[1] // 2]).mul_(gate_up[:, gate_up.shape[1] // 2:]))
-        return self.head(self.base.norm(x))
-
-
-def _product(owner: nn.Module, names: tuple[str, ...]) -> Callable[[Tensor], Tensor]:
-    """x [B, in] -> x Wᵀ [B, Σ out] for owner's projections `names`: one product over their (fused) weight, a
-    single fp32 row split over the threads (matvec.py) with the split weight prepared here. V2-tuned projections
-    over plain weights are fused too, their bias and LoRA terms added once (`fused_tuning`); quantised ones
-    are called one by one."""
-    modules = [getattr(owner, n) for n in names]
-    frozen = [frozen_projection(m) for m in modules]
-    single = frozen[0]
-    plain = len(names) == 1 and type(single) in (Linear, Embedding) and not single.weight.requires_grad
-    weight = single.weight if plain else fused_weight(owner, names, frozen) if len(names) > 1 else None
-    if weight is None:
-        return modules[0] if len(modules) == 1 else lambda x: torch.cat([m(x) for m in modules], dim=-1)
-    split, tuning = thread_split(weight), fused_tuning(modules)  # V2 biases / LoRA on top of the frozen product
-
-    def product(x: Tensor) -> Tensor:
-        y = split_matvec(x, split) if split is not None and x.shape[0] == 1 else F.linear(x, weight)
-        return y if tuning is None else tuning(x, y)
-
-    return product

@@ -24,7 +24,7 @@ from .llama import AdapterKV, Llama
 from .loss import head_cross_entropy
 from .tokenizer import Tokenizer
 from .towers import is_tower, tower_key
-from .tuning import apply_tuning
+from .tuning import RowTuning
 from .weights import DEFAULT_BASE, load_base_checkpoint
 
 _UNSET: Any = object()
@@ -174,9 +174,10 @@ class MMAdapter(nn.Module):
 
     def adapter_kv(self, image_features: Tensor | None = None, has_image: Tensor | None = None,
                    adapter: Adapter | None = _UNSET) -> AdapterKV | None:
-        """Prompt K/V for this batch (through autograd when training); None without an adapter."""
+        """The request's state: prompt K/V for this batch (through autograd when training), gates and the V2
+        tuning terms every row uses; None without an adapter. The base itself is never changed: the state
+        carries all that is the adapter's, so requests with different adapters can run at once."""
         adapter = self.adapter if adapter is _UNSET else adapter
-        apply_tuning(self.base, adapter.tuning if adapter is not None else None)  # V2 biases/norms/LoRA or none
         if adapter is None:
             if image_features is not None:
                 raise ValueError("images need an adapter with a projector; this model has no adapter")
@@ -184,7 +185,10 @@ class MMAdapter(nn.Module):
         image_tokens = None
         if image_features is not None:
             image_tokens = adapter.image_tokens(image_features, has_image)  # [B, C]
-        return adapter.prompt_kv(self.base, image_tokens)
+        kv = adapter.prompt_kv(self.base, image_tokens)
+        if adapter.tuning is not None:
+            kv.tuning = RowTuning.single(adapter.tuning)  # V2 biases, norms and LoRA, for every row
+        return kv
 
     def forward(self, tokens: Tensor, image_features: Tensor | None = None, has_image: Tensor | None = None,
                 adapter: Adapter | None = _UNSET) -> Tensor:

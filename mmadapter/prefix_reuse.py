@@ -5,7 +5,7 @@ later request whose tokens start with the same tokens — the next turn of that 
 renders the earlier turns first, or another chat sharing the template's system part — copies the K/V of
 the longest common prefix and prefills only the rest. Causal attention makes the K/V of the first m tokens
 depend on those tokens alone, within one context: the base, the adapter (its prompt term changes every
-adapted layer's output, which feeds the layers above; a V2 tuning changes the base itself) and the image
+adapted layer's output, which feeds the layers above; a V2 tuning changes every layer) and the image
 (its tokens enter the adapter's prompts). `Context` holds all of these, so an entry is only ever read back
 by a request whose K/V would be the same; the template is in the tokens themselves.
 

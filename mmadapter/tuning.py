@@ -4,18 +4,19 @@ V2 unfreezes a few cheap things of the base itself:
   bias tuning   zero-init biases on wq, wo, w1, w2, w3 of every layer, and every RMSNorm weight
                 (both layers' norms and the final norm) replaced by a tuned copy;
   LoRA          y = W x + B (A x) on wq, wk, wv, wo, w1, w2, w3, with A [r, in], B [out, r].
-The tensors live in the adapter (so only they are saved); `apply_tuning` puts them into a base by
-wrapping whatever frozen projection is there (plain, quantised, ...) in a `TunedLinear` and pointing
-the norms at the tuned weights, and takes them out again when another adapter (or none) is used. The
-base never registers the adapter's tensors: its parameters and state dict stay the frozen weights.
+The tensors live in the adapter (so only they are saved) and reach the base with each request, never
+inside it: `RowTuning` says which rows of a batch use which adapter's tuning, and the forward adds each
+row's terms after the frozen product x Wᵀ (and takes each row's norm weight). The base's modules and
+weights are never written after loading, so one base serves V1 and V2 requests side by side, in one batch
+or from several threads.
 
 The prompt K/V of the adapted layers go through the frozen W_k / W_v only, without LoRA, as in the
-reference: `Attention.project_prompt` calls `frozen_projection(self.wk)`.
+reference (`Attention.project_prompt`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,60 +35,6 @@ def projection_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
     return {"wq": (c, q), "wk": (c, kv), "wv": (c, kv), "wo": (q, c), "w1": (c, f), "w3": (c, f), "w2": (f, c)}
 
 
-class TunedLinear(nn.Module):
-    """A frozen projection plus a tuned bias and/or LoRA: frozen(x) + B (A x) + bias."""
-
-    def __init__(self, frozen: nn.Module, bias: Tensor | None, lora_a: Tensor | None, lora_b: Tensor | None) -> None:
-        super().__init__()
-        self.frozen = frozen
-        # The adapter's Parameters, deliberately not registered here: the base's parameters, state dict,
-        # fingerprint and freeze() keep meaning the frozen weights only.
-        self.__dict__.update(bias=bias, lora_a=lora_a, lora_b=lora_b)
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.frozen(x)
-        if self.lora_a is not None:
-            y = y + F.linear(F.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
-
-
-def frozen_projection(module: nn.Module) -> nn.Module:
-    """The frozen projection inside a TunedLinear (or the module itself)."""
-    return module.frozen if isinstance(module, TunedLinear) else module
-
-
-def fused_tuning(modules: list[nn.Module]) -> Callable[[Tensor, Tensor], Tensor] | None:
-    """For projections whose outputs are concatenated (q/k/v, gate/up): one function (x, y) -> y plus every
-    module's LoRA and bias term, their tensors fused once: A stacked [Σr, in] and B block-diagonal [Σout, Σr]
-    (both kept transposed), biases concatenated [Σout], zeros where a module has none. None when none is
-    tuned. A snapshot: for decoding, where the adapter does not change within a request."""
-    tuned = [m for m in modules if isinstance(m, TunedLinear)]
-    if not tuned:
-        return None
-    outs = [m.frozen.weight.shape[0] if isinstance(m, TunedLinear) else m.weight.shape[0] for m in modules]
-    with torch.no_grad():
-        like = tuned[0].bias if tuned[0].bias is not None else tuned[0].lora_b
-        bias = None
-        if any(m.bias is not None for m in tuned):
-            bias = torch.cat([m.bias if isinstance(m, TunedLinear) and m.bias is not None else like.new_zeros(n)
-                              for m, n in zip(modules, outs)]).detach()  # [Σout]
-        loras = [(m.lora_a, m.lora_b) if isinstance(m, TunedLinear) and m.lora_a is not None else None for m in modules]
-        a = b = None
-        if any(loras):
-            a = torch.cat([ab[0] for ab in loras if ab is not None]).t().contiguous()  # Aᵀ [in, Σr]
-            b = torch.block_diag(*[ab[1] if ab is not None else like.new_zeros(n, 0)
-                                   for ab, n in zip(loras, outs)]).t().contiguous()  # Bᵀ [Σr, Σout]
-
-    def add_terms(x: Tensor, y: Tensor) -> Tensor:
-        if a is not None:
-            y = y.addmm_(x @ a.to(x.dtype), b.to(x.dtype))  # y + B (A x)
-        return y if bias is None else y.add_(bias.to(y.dtype))
-
-    return add_terms
-
-
 class LayerTuning(nn.Module):
     """One layer's tuned tensors: biases [out], LoRA A [r, in] / B [out, r], norm weights [C]."""
 
@@ -102,6 +49,13 @@ class LayerTuning(nn.Module):
             {n: nn.Parameter(torch.zeros(shapes[n][1], lora_rank)) for n in LORA} if lora_rank else {})
         self.attention_norm = nn.Parameter(torch.ones(config.dim)) if bias else None
         self.ffn_norm = nn.Parameter(torch.ones(config.dim)) if bias else None
+
+    def terms(self, name: str) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """(bias [out], LoRA A [r, in], LoRA B [out, r]) of projection `name`; None where it has none."""
+        bias = self.bias[name] if name in self.bias else None
+        if name not in self.lora_a:
+            return bias, None, None
+        return bias, self.lora_a[name], self.lora_b[name]
 
 
 class BaseTuning(nn.Module):
@@ -118,39 +72,133 @@ class BaseTuning(nn.Module):
         """Start the tuned norms from the base's own (what training from a base does)."""
         with torch.no_grad():
             if self.norm is not None:
-                self.norm.copy_(_norm_weight(base.norm))
+                self.norm.copy_(base.norm.weight)
                 for tuned, layer in zip(self.layers, base.layers):
-                    tuned.attention_norm.copy_(_norm_weight(layer.attention_norm))
-                    tuned.ffn_norm.copy_(_norm_weight(layer.ffn_norm))
+                    tuned.attention_norm.copy_(layer.attention_norm.weight)
+                    tuned.ffn_norm.copy_(layer.ffn_norm.weight)
+
+    def norm_weight(self, layer: int | None, which: str) -> Tensor | None:
+        """The tuned weight of a norm ("attention_norm" / "ffn_norm" of `layer`, or the final one: layer None)."""
+        return self.norm if layer is None else getattr(self.layers[layer], which)
 
 
-def _norm_weight(norm: nn.Module) -> Tensor:
-    return norm._parameters["weight"]  # the base's own weight, even while a tuned one shadows it
+@dataclass
+class RowTuning:
+    """The V2 tuning of a batch: `groups` pairs an adapter's tuning with the rows [n] that use it (None: every
+    row, the fast path of a batch with one tuning); rows of no group compute with the plain base. `batch`: the
+    number of rows (needed only with row groups)."""
+
+    groups: list[tuple[BaseTuning, Tensor | None]]
+    batch: int = 0
+    _norms: dict = field(default_factory=dict, repr=False)
+
+    @staticmethod
+    def single(tuning: BaseTuning) -> RowTuning:
+        return RowTuning([(tuning, None)])
+
+    @property
+    def every_row(self) -> bool:
+        return len(self.groups) == 1 and self.groups[0][1] is None
+
+    def layer(self, i: int) -> LayerTerms:
+        return LayerTerms(self, i)
+
+    def norm_weight(self, layer: int | None, which: str, base_weight: Tensor) -> Tensor | None:
+        """The weight a norm computes with: [C] for every row, [B, C] per row, None: the base's own."""
+        tuned = [(t.norm_weight(layer, which), rows) for t, rows in self.groups]
+        tuned = [(w, rows) for w, rows in tuned if w is not None]
+        if not tuned:
+            return None
+        if self.every_row:
+            return tuned[0][0]
+        if torch.is_grad_enabled():  # training batches use one tuning; this path is for decoding
+            raise ValueError("per-row V2 tuning is for inference; train with one adapter per batch")
+        key = (layer, which)
+        if key not in self._norms:
+            weight = base_weight.detach().expand(self.batch, -1).clone()  # [B, C]
+            for w, rows in tuned:
+                weight[rows] = w.detach().to(weight.dtype)
+            self._norms[key] = weight
+        return self._norms[key]
+
+    def add(self, layer: int, name: str, x: Tensor, y: Tensor) -> Tensor:
+        """y = x Wᵀ [B, ..., out] plus each row's LoRA term B (A x) and bias, from x [B, ..., in]."""
+        for tuning, rows in self.groups:
+            bias, a, b = tuning.layers[layer].terms(name)
+            if bias is None and a is None:
+                continue
+            if rows is None:
+                if a is not None:
+                    y = y + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+                if bias is not None:
+                    y = y + bias.to(y.dtype)
+                continue
+            term = y.new_zeros(rows.numel(), *y.shape[1:])
+            if a is not None:
+                term = term + F.linear(F.linear(x[rows], a.to(x.dtype)), b.to(x.dtype))
+            if bias is not None:
+                term = term + bias.to(y.dtype)
+            y = y.index_add(0, rows, term)
+        return y
 
 
-def apply_tuning(base: nn.Module, tuning: BaseTuning | None) -> None:
-    """Make `base` compute with `tuning` (None: the untouched frozen base). Cheap when already so."""
-    if getattr(base, "_active_tuning", None) is tuning:
-        return
-    for i, layer in enumerate(base.layers):
-        t = tuning.layers[i] if tuning is not None else None
-        for module, names in ((layer.attention, ATTENTION), (layer.feed_forward, ("w1", "w2", "w3"))):
-            for name in names:
-                frozen = frozen_projection(getattr(module, name))
-                bias = t.bias[name] if t is not None and name in t.bias else None
-                a = t.lora_a[name] if t is not None and name in t.lora_a else None
-                b = t.lora_b[name] if t is not None and name in t.lora_b else None
-                setattr(module, name, frozen if bias is None and a is None else TunedLinear(frozen, bias, a, b))
-        _set_norm(layer.attention_norm, t.attention_norm if t is not None else None)
-        _set_norm(layer.ffn_norm, t.ffn_norm if t is not None else None)
-    _set_norm(base.norm, tuning.norm if tuning is not None else None)
-    base.__dict__["_active_tuning"] = tuning  # not a submodule: the base does not own the adapter's tensors
+@dataclass
+class LayerTerms:
+    """One layer's view of a `RowTuning`: what `Block` and `Attention` call."""
+
+    tuning: RowTuning
+    layer: int
+
+    def add(self, name: str, x: Tensor, y: Tensor) -> Tensor:
+        return self.tuning.add(self.layer, name, x, y)
+
+    def norm_weight(self, which: str, base_weight: Tensor) -> Tensor | None:
+        return self.tuning.norm_weight(self.layer, which, base_weight)
 
 
-def _set_norm(norm: nn.Module, tuned: nn.Parameter | None) -> None:
-    """Point `norm.weight` at the tuned weight (an instance attribute shadows the registered, frozen one,
-    which stays the base's parameter) or back at the frozen one."""
-    if tuned is None:
-        norm.__dict__.pop("weight", None)
-    else:
-        norm.__dict__["weight"] = tuned
+@dataclass
+class FusedTerms:
+    """The LoRA and bias terms of projections whose outputs are concatenated (q/k/v, gate/up), fused once per
+    request for decoding: per group of rows Aᵀ stacked [in, Σr] and Bᵀ block-diagonal [Σr, Σout]; the biases
+    concatenated [Σout] (every row) or [B, Σout] (per row, zeros where a row has none)."""
+
+    lora: list[tuple[Tensor | None, Tensor, Tensor]]  # (rows [n] or None: every row, Aᵀ, Bᵀ)
+    bias: Tensor | None
+
+    def add(self, x: Tensor, y: Tensor) -> Tensor:
+        """y [B, Σout] (the frozen product of x [B, in]) plus the terms, in place."""
+        for rows, a, b in self.lora:
+            if rows is None:
+                y = y.addmm_(x @ a, b)  # y + B (A x)
+            else:
+                y = y.index_add_(0, rows, (x[rows] @ a) @ b)
+        return y if self.bias is None else y.add_(self.bias)
+
+
+def fused_terms(tuning: RowTuning, layer: int, names: tuple[str, ...], outs: list[int],
+                dtype: torch.dtype) -> FusedTerms | None:
+    """The terms of projections `names` (out features `outs`) of `layer` for every row, fused (None: none)."""
+    with torch.no_grad():
+        lora, bias = [], None
+        for t, rows in tuning.groups:
+            terms = [t.layers[layer].terms(n) for n in names]
+            if any(a is not None for _, a, _ in terms):
+                a = torch.cat([a for _, a, _ in terms if a is not None]).t()  # Aᵀ [in, Σr]
+                b = torch.block_diag(*[b if b is not None else a.new_zeros(n, 0)
+                                       for (_, _, b), n in zip(terms, outs)]).t()  # Bᵀ [Σr, Σout]
+                lora.append((rows, a.to(dtype).contiguous(), b.to(dtype).contiguous()))
+            if any(bi is not None for bi, _, _ in terms):
+                row_bias = torch.cat([bi if bi is not None else terms_like(terms).new_zeros(n)
+                                      for (bi, _, _), n in zip(terms, outs)]).to(dtype)  # [Σout]
+                if rows is None:
+                    bias = row_bias if bias is None else bias + row_bias
+                else:
+                    bias = bias if bias is not None else row_bias.new_zeros(tuning.batch, sum(outs))
+                    bias = bias.expand(tuning.batch, -1).clone() if bias.dim() == 1 else bias
+                    bias[rows] += row_bias
+    return FusedTerms(lora, bias) if lora or bias is not None else None
+
+
+def terms_like(terms: list[tuple[Tensor | None, Tensor | None, Tensor | None]]) -> Tensor:
+    """Any tensor among a projection group's terms (for dtype and device)."""
+    return next(t for group in terms for t in group if t is not None)

@@ -18,7 +18,7 @@ LAYERS = [
                 "tower_weights", "vision", "feature_cache", "prefix_cache", "data.encode",
                 "data.scienceqa"]),
     ("adapter, loaders, decoding", ["adapter", "quant", "weights_checks", "weights_hf", "weights_meta", "weights_gguf",
-                                    "weights", "generate", "compiled_step"]),
+                                    "weights", "decode_step", "generate", "compiled_step"]),
     ("the composed model", ["model", "adapter_file"]),
     ("adapter files in and out", ["interop", "interop_v2", "adapter_set", "checkpoint"]),
     ("workflows", ["train_data", "train_log", "train", "evaluation", "batching", "demo"]),

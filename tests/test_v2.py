@@ -74,19 +74,22 @@ def test_matches_reference(variant, tiny_vision, golden):
         assert (model.forward(tokens, adapter=None)[0, PREFILL - 1:] - want).abs().max() > 1e-3
 
 
-def test_tuning_is_taken_out_for_other_adapters(tiny_vision):
-    """The base computes as the plain frozen base again once a request uses no adapter (or another one)."""
+def test_tuning_never_enters_the_base(tiny_vision):
+    """A V2 request's tuning comes with the request: the base keeps the modules it was loaded with, and a request
+    with no adapter (or another one) computes as the plain frozen base, before and after."""
     from mmadapter import load_base
-    from mmadapter.tuning import TunedLinear
 
     plain = load_base(str(FIX / "base"), dtype=torch.float32)
     model = v2_model("lora", tiny_vision)
+    modules = [(name, id(m), type(m)) for name, m in model.base.named_modules()]
     tokens = torch.tensor([[1, 5, 9, 3]])
     with torch.inference_mode():
-        model(tokens)  # tuned
-        assert isinstance(model.base.layers[0].attention.wk, TunedLinear)
-        assert_close(model(tokens, adapter=None), plain(tokens), atol=0, rtol=0)
-        assert not isinstance(model.base.layers[0].attention.wk, TunedLinear)
+        tuned = model(tokens)
+        untuned = model(tokens, adapter=None)
+        assert (tuned - untuned).abs().max() > 1e-3  # the tuning did change its own request
+        assert_close(untuned, plain(tokens), atol=0, rtol=0)
+        assert_close(model(tokens), tuned, atol=0, rtol=0)
+    assert [(name, id(m), type(m)) for name, m in model.base.named_modules()] == modules
 
 
 def reference_keys(n_layers: int, lora: bool) -> list[str]:

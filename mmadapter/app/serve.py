@@ -80,10 +80,6 @@ def build_service(args: argparse.Namespace):
                        image_adapter=image_adapter, status_notes=notes)
 
 
-def _has_base_tuning(adapters) -> bool:
-    return any(getattr(adapters.get(name), "tuning", None) is not None for name in adapters.names())
-
-
 def launch(args: argparse.Namespace, block: bool = True):
     """Build the model and the page and start serving; returns (demo, local_url)."""
     from .ui import build_demo
@@ -91,11 +87,6 @@ def launch(args: argparse.Namespace, block: bool = True):
     service = build_service(args)
     demo = build_demo(service)
     concurrency = args.concurrency or (args.max_batch if args.max_batch > 0 else 2)
-    if service.engine is None and concurrency > 1 and _has_base_tuning(service.adapters):
-        # V2 bias/LoRA tuning is applied to the shared base per request; the batch engine decodes one tuning at a
-        # time, but without it two requests at once could run over each other's tuning.
-        print("note: a LLaMA-Adapter V2 file is loaded and batching is off: serving one request at a time", flush=True)
-        concurrency = 1
     demo.queue(default_concurrency_limit=concurrency, max_size=args.queue_size)
     _, local_url, share_url = demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                                           max_file_size=args.max_file_size, prevent_thread_lock=True,
