@@ -184,3 +184,33 @@ def test_one_tuning_for_every_row_equals_the_same_tuning_per_row(setup):
     tokens, fused = greedy(base, DecodeStep(base), ids, every)
     _, rows = greedy(base, DecodeStep(base), ids, per_row, forced=tokens)
     torch.testing.assert_close(rows, fused, atol=1e-5, rtol=0)
+
+
+def test_the_compiled_step_takes_the_tuning_as_an_input(setup):
+    """A graph compiled with one V2 request's terms (dynamo's own "eager" backend, as in test_decode_step) runs
+    the next request's terms too, with the tokens of the eager step; an adapter with other terms decodes eagerly."""
+    import time
+
+    from mmadapter.compiled_step import BackgroundCompile
+    from mmadapter.generate import Sampling, decode_tokens
+
+    model, adapters = setup
+    base, prompt, s = model.base, [model.prompt_ids(PROMPTS[0], "raw")], Sampling(max_new_tokens=8)
+
+    def tokens(kind, step=None):
+        with torch.inference_mode():
+            kv = model.adapter_kv(None, None, adapters[kind])
+        return torch.stack(list(decode_tokens(base, prompt, kv, s, eos_ids=(), step=step)), 1).tolist()
+
+    compiler = BackgroundCompile(base, backend="eager")
+    assert tokens("lora", compiler.step()) == tokens("lora")
+    deadline = time.monotonic() + 600
+    while compiler.compiled is None and compiler.failure is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert compiler.failure is None and compiler.compiled is not None
+    calls, compiled = [], compiler.compiled
+    compiler.compiled = lambda *a: calls.append(1) or compiled(*a)
+    assert tokens("lora", compiler.step()) == tokens("lora")
+    assert len(calls) == 7  # every step after the prefill ran the graph, with this request's terms
+    assert tokens("bias", compiler.step()) == tokens("bias")  # no LoRA: another layout, decoded eagerly
+    assert len(calls) == 7
