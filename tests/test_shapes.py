@@ -147,3 +147,26 @@ def test_hard_negatives_change_one_binding_and_keep_the_rules():
     # the scene always changes; its coarse caption does not when a mirror keeps every object in the same third
     # (one object near the middle): about 1 in 11, a negative that costs nothing but is no harder
     assert changed["caption differs"] >= 0.85 * 300, changed
+
+
+def test_pictures_drawn_differently_show_the_same_scene_another_way():
+    import numpy as np
+
+    from mmadapter.evaluation.vqa_data import load_shapes_test, read_image
+
+    plain, drawn, other = load_shapes_test(2), load_shapes_test(2, drawn_differently=True), load_shapes_test(2, image_shift=1)
+    assert [i.question for i in drawn.items] == [i.question for i in plain.items] == [i.question for i in other.items]
+    assert {i.image_key for i in drawn.items}.isdisjoint(i.image_key for i in plain.items)  # never one cached feature
+    sizes = set()
+    for p, d, o in zip(plain.items, drawn.items, other.items):
+        a, b = read_image(p), read_image(d)
+        sizes.add(b.size[0])
+        assert a.size == (128, 128) and b.size[0] in (96, 144, 224, 256, 320)
+        scene = int(p.image_key.removeprefix("scene-"))
+        assert np.array_equal(np.asarray(read_image(o)), np.asarray(shapes.render(shapes.make_scene("test", scene + 1), 128)))
+        again = shapes.render_differently(shapes.make_scene("test", scene),
+                                          np.random.default_rng([shapes.SPLIT_SEEDS["test"], scene, 99]))
+        assert np.array_equal(np.asarray(b), np.asarray(again))  # seeded: the same picture every run
+    hard = shapes.render(shapes.make_scene("test", 0), 96, antialias=False)
+    colours = {tuple(c) for c in np.asarray(hard).reshape(-1, 3)}
+    assert colours <= {(245, 245, 240), *shapes.COLORS.values()}  # hard edges: no blended pixels

@@ -116,21 +116,28 @@ def hard_negative(scene: Scene, rng: np.random.Generator) -> Scene:
 
 
 def render(scene: Scene, size: int = 128, *, background: tuple[int, int, int] | None = None,
-           noise: float = 0.0, jpeg_quality: int | None = None, rng: np.random.Generator | None = None) -> Image.Image:
-    """Draw a scene as an RGB image of size x size pixels (anti-aliased by 4x supersampling).
+           noise: float = 0.0, jpeg_quality: int | None = None, rng: np.random.Generator | None = None,
+           antialias: bool = True, color_jitter: float = 0.0) -> Image.Image:
+    """Draw a scene as an RGB image of size x size pixels (anti-aliased by 4x supersampling unless
+    antialias=False: hard pixel edges).
 
     background: light RGB (default a fixed off-white); noise: std of Gaussian pixel noise (0-255 scale);
-    jpeg_quality: re-encode as JPEG at this quality. Noise needs `rng` (seeded) to stay reproducible.
+    jpeg_quality: re-encode as JPEG at this quality; color_jitter: std of a per-object shift of each colour
+    channel (0-255 scale). Noise and jitter need `rng` (seeded) to stay reproducible.
     """
     if size < 16:
         raise ValueError(f"image size {size} is too small; use at least 16 pixels")
-    scale = max(2, min(4, 1024 // size))  # supersampling factor, bounded work for big sizes
+    if (noise > 0 or color_jitter > 0) and rng is None:
+        raise ValueError("noise and colour jitter need a seeded rng")
+    scale = max(2, min(4, 1024 // size)) if antialias else 1  # supersampling factor, bounded for big sizes
     side = size * scale
     image = Image.new("RGB", (side, side), background or (245, 245, 240))
     draw = ImageDraw.Draw(image)
     for o in scene.objects:
         cx, cy, r = o.x * side, o.y * side, o.r * side
         fill = COLORS[o.color]
+        if color_jitter > 0:
+            fill = tuple(int(np.clip(v + rng.normal(0, color_jitter), 0, 255)) for v in fill)
         if o.shape == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         elif o.shape == "square":
@@ -138,10 +145,9 @@ def render(scene: Scene, size: int = 128, *, background: tuple[int, int, int] | 
             draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
         else:
             draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
-    image = image.resize((size, size), Image.Resampling.LANCZOS)
+    if scale > 1:
+        image = image.resize((size, size), Image.Resampling.LANCZOS)
     if noise > 0:
-        if rng is None:
-            raise ValueError("noise needs a seeded rng")
         pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, noise, (size, size, 3))
         image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     if jpeg_quality is not None:
@@ -158,6 +164,14 @@ def render_varied(scene: Scene, rng: np.random.Generator) -> Image.Image:
     noise = float(rng.uniform(2, 10)) if rng.random() < 0.3 else 0.0
     quality = int(rng.integers(40, 90)) if rng.random() < 0.3 else None
     return render(scene, size, background=background, noise=noise, jpeg_quality=quality, rng=rng)
+
+
+def render_differently(scene: Scene, rng: np.random.Generator) -> Image.Image:
+    """A picture drawn unlike any training picture, as a user might draw one: 96-320 px (beyond the training
+    sizes), hard edges or anti-aliased, each object's colour jittered, often saved as JPEG."""
+    size = int(rng.choice([96, 144, 224, 256, 320]))
+    return render(scene, size, antialias=bool(rng.random() < 0.5), color_jitter=float(rng.uniform(5, 20)),
+                  jpeg_quality=int(rng.integers(50, 90)) if rng.random() < 0.5 else None, rng=rng)
 
 
 # --- language ------------------------------------------------------------------------------------

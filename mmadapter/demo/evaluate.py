@@ -1,11 +1,14 @@
-"""Accuracy of the demo adapter per question type on the fixed shapes test set, with two ablations.
+"""Accuracy of the demo adapter per question type on the fixed shapes test set, with two ablations and
+the same scenes drawn differently.
 
 The questions are `shapes:test` of the VQA evaluator (`mmadapter.evaluation.vqa`): bare questions,
 greedy decoding, exact match after the VQA answer normalisation (lower case, punctuation, number
 words to digits, articles dropped). The ablations ask the same questions with the image of ANOTHER
 scene (a fixed derangement: a question about test scene i gets the picture of scene i + 1) and
 with no image at all (the image token zeroed: the adapter's prompts alone); they show how much of
-each answer comes from looking at the right picture. "Blind best" is the accuracy of always giving
+each answer comes from looking at the right picture. "Drawn differently" asks about the same scenes drawn
+unlike the training pictures (other sizes up to 320 px, hard edges, jittered colours, JPEG), as a user's own
+drawing would be. "Blind best" is the accuracy of always giving
 the most frequent answer of each question template: the best any image-blind answerer can do.
 
     python -m mmadapter.demo.evaluate                # the shipped demo model, 600 questions per type
@@ -29,7 +32,8 @@ from ..evaluation.vqa_data import VQAData, load_shapes_test
 if TYPE_CHECKING:
     from ..model import MMAdapter
 
-ABLATIONS = {"accuracy": "own image", "other_scene": "another scene's image", "ablation": "image token zeroed"}
+ABLATIONS = {"accuracy": "own image", "drawn_differently": "drawn differently", "other_scene": "another scene's image",
+             "ablation": "image token zeroed"}
 
 
 def blind_best(test: list[tuple[int, shapes.QA]]) -> dict[str, float]:
@@ -68,8 +72,9 @@ def evaluate(model: MMAdapter, per_kind: int = 600, ablation_per_kind: int | Non
     results: dict[str, Any] = {"per_kind": per_kind, "ablation_per_kind": ablation_per_kind,
                                "blind_best": blind_best(shapes.test_set(per_kind))}
     other_scene = first_per_kind(load_shapes_test(per_kind, image_shift=1), ablation_per_kind)
-    runs = (("accuracy", data, True, "own-image"), ("other_scene", other_scene, True, "other-scene"),
-            ("ablation", ablation_data, False, "no-image"))
+    drawn = first_per_kind(load_shapes_test(per_kind, drawn_differently=True), ablation_per_kind)
+    runs = (("accuracy", data, True, "own-image"), ("drawn_differently", drawn, True, "drawn-differently"),
+            ("other_scene", other_scene, True, "other-scene"), ("ablation", ablation_data, False, "no-image"))
     for name, questions, use_images, folder in runs:
         if not questions.items:  # ablation_per_kind=0: the accuracy alone (e.g. at every checkpoint)
             results[name] = {}
@@ -90,12 +95,13 @@ def evaluate(model: MMAdapter, per_kind: int = 600, ablation_per_kind: int | Non
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """Markdown table per question type: own image, another scene's image, image token zeroed, blind best."""
-    lines = ["| question type | accuracy | another scene's image | image token zeroed | blind best |",
-             "|---|---:|---:|---:|---:|"]
+    """Markdown table per question type: own image, drawn differently, another scene's image, image token
+    zeroed, blind best."""
+    lines = ["| question type | accuracy | drawn differently | another scene's image | image token zeroed | blind best |",
+             "|---|---:|---:|---:|---:|---:|"]
     for kind in shapes.QUESTION_KINDS:
         if kind in results["accuracy"]:
-            cells = [results[name].get(kind) for name in ABLATIONS] + [results["blind_best"][kind]]
+            cells = [results.get(name, {}).get(kind) for name in ABLATIONS] + [results["blind_best"][kind]]
             lines.append(f"| {kind} | " + " | ".join("–" if c is None else f"{c:.1f}%" for c in cells) + " |")
     lines.append(f"\n{results['per_kind']} questions per type ({results['ablation_per_kind']} for the ablations), "
                  "greedy decoding, exact match after the VQA answer normalisation.")

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..data import shapes
 from ..images import load_image
 
@@ -317,25 +319,32 @@ def load_mme(path: Path) -> VQAData:
 # The shapes demo's test set
 
 
-def load_shapes_test(per_kind: int = 600, image_shift: int = 0) -> VQAData:
+def load_shapes_test(per_kind: int = 600, image_shift: int = 0, drawn_differently: bool = False) -> VQAData:
     """`shapes.test_set(per_kind)`: bare questions (as the demo adapter was trained), images rendered on use.
 
     image_shift: each question about scene i gets the picture of test scene i + image_shift instead (1: a
     fixed derangement, the picture of ANOTHER scene, however few scenes the set spans).
+    drawn_differently: the same scenes drawn unlike the training pictures (`shapes.render_differently`:
+    other sizes, hard edges, jittered colours, JPEG), seeded by the scene.
     """
     items = []
     for number, (scene, qa) in enumerate(shapes.test_set(per_kind)):
-        items.append(VQAItem(f"shapes-test-{number}", qa.question, (qa.answer,), _scene_image(scene + image_shift),
-                             qa.kind, f"scene-{scene}",
+        image = _scene_image(scene + image_shift, drawn_differently)
+        items.append(VQAItem(f"shapes-test-{number}", qa.question, (qa.answer,), image,
+                             qa.kind, f"scene-{scene}" + ("-drawn" if drawn_differently else ""),
                              max_new_tokens=SHAPES_MAX_NEW_TOKENS.get(qa.kind, SHAPES_SHORT_ANSWER_TOKENS)))
     source = SHAPES_TEST if per_kind == 600 else f"{SHAPES_TEST}:{per_kind}"
-    return VQAData(items, source + (f" (pictures of scene i+{image_shift})" if image_shift else ""), "shapes",
-                   default_instruction=False)
+    source += f" (pictures of scene i+{image_shift})" if image_shift else ""
+    source += " (drawn differently)" if drawn_differently else ""
+    return VQAData(items, source, "shapes", default_instruction=False)
 
 
-def _scene_image(index: int) -> Callable[[], Any]:
+def _scene_image(index: int, drawn_differently: bool = False) -> Callable[[], Any]:
     def render() -> Any:
-        return shapes.render(shapes.make_scene("test", index), SHAPES_IMAGE_SIZE)
+        scene = shapes.make_scene("test", index)
+        if drawn_differently:
+            return shapes.render_differently(scene, np.random.default_rng([shapes.SPLIT_SEEDS["test"], index, 99]))
+        return shapes.render(scene, SHAPES_IMAGE_SIZE)
 
     return render
 
