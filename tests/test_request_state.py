@@ -105,6 +105,63 @@ def test_a_batch_mixing_v1_and_v2_adapters_gives_every_request_its_solo_tokens(s
     assert engine.peak_rows >= 4  # decoded together, V1 and both V2 tunings in one batch
 
 
+@pytest.fixture(scope="module")
+def five_prompts(setup, tiny_vision):
+    """Adapters with 5 prompts over the same model: spatial tokens (a 2x2 grid + the class token over the
+    fixtures' tower), V1, V2 bias and V2 bias + LoRA built fresh, every term non-zero."""
+    import dataclasses
+
+    from mmadapter.vision import VisionTower
+
+    model, _ = setup
+    c = model.base.config
+    tower = VisionTower(dataclasses.replace(tiny_vision, projector="spatial", spatial_grid=2, projector_hidden=16))
+    torch.manual_seed(2)
+    made = {"spatial": Adapter(AdapterConfig(n_prompts=5, n_layers=2), c, tower.config, tower.feature_dim),
+            "v1": Adapter(AdapterConfig(n_prompts=5, n_layers=3), c),
+            "bias": Adapter(AdapterConfig(n_prompts=5, n_layers=2, bias_tuning=True), c),
+            "lora": Adapter(AdapterConfig(n_prompts=5, n_layers=1, bias_tuning=True, lora_rank=2), c)}
+    made["spatial"].use_tower(tower)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for adapter in made.values():
+            adapter.gates.normal_(0, 1, generator=generator)
+            if adapter.projector is not None:
+                adapter.projector.fc2.weight.mul_(20)  # the image matters
+            if adapter.tuning is not None:
+                adapter.tuning.copy_base_norms(model.base)
+                for p in adapter.tuning.parameters():
+                    p.add_(torch.randn(p.shape, generator=generator) * 0.3)
+    return made
+
+
+def test_spatial_tokens_share_the_batch_with_v1_and_v2(setup, five_prompts):
+    model, adapters = setup[0], {"none": None, **five_prompts}
+    red, blue = Image.new("RGB", (20, 16), (200, 30, 90)), Image.new("RGB", (24, 24), (20, 60, 220))
+    requests = [(PROMPTS[0], red, "spatial"), (PROMPTS[1], blue, "spatial"), (PROMPTS[2], None, "v1"),
+                (PROMPTS[3], None, "bias"), (PROMPTS[0], None, "lora"), (PROMPTS[4], None, "none")]
+    alone = [solo(model, p, image, adapters[k]) for p, image, k in requests]
+    assert alone[0] != solo(model, PROMPTS[0], blue, adapters["spatial"])  # the image changes the answer
+    assert len({solo(model, PROMPTS[0], None, a) for a in adapters.values()}) == len(adapters)
+    engine = BatchEngine(model, max_batch=len(requests), max_slots=128)
+    streams = [engine.stream(p, image, adapter=adapters[k], max_new_tokens=NEW, template="raw")
+               for p, image, k in requests]
+    results = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def run(i: int) -> None:
+        start.wait()
+        results[i] = "".join(streams[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert results == alone
+    assert engine.peak_rows >= 4
+
+
 def test_two_threads_with_different_v2_adapters_each_get_their_own_answer(setup):
     model, adapters = setup
     jobs = [(PROMPTS[i % len(PROMPTS)], "bias" if i % 2 else "lora") for i in range(8)]
