@@ -379,15 +379,16 @@ class Llama(nn.Module):
                                    tuning.layer(i) if tuning is not None else None)
         return self.norm(h, tuning.norm_weight(None, "norm", self.norm.weight) if tuning is not None else None)
 
-    def prefix(self, tokens: Tensor, n_layers: int) -> Tensor:
-        """Output of the bottom n_layers [B, T, C] (frozen, no autograd): what the prefix cache stores."""
+    def prefix(self, tokens: Tensor, n_layers: int, tuning: RowTuning | None = None) -> Tensor:
+        """Output of the bottom n_layers [B, T, C] (frozen, no autograd): what the prefix cache stores.
+        tuning: a V2 adapter's terms, which reach below its prompts (they get no gradient there either)."""
         with torch.no_grad():
             h = self.tok_embeddings(tokens)
             b, t, _ = h.shape
             cos, sin = self.rope(t)
             cos, sin = cos[:t][None, None], sin[:t][None, None]
-            for layer in self.layers[:n_layers]:
-                h = layer(h, cos, sin, end=t)  # plain causal attention, no cache, no prompts
+            for i, layer in enumerate(self.layers[:n_layers]):  # plain causal attention, no cache, no prompts
+                h = layer(h, cos, sin, end=t, terms=tuning.layer(i) if tuning is not None else None)
         return h
 
     @staticmethod

@@ -111,7 +111,8 @@ class MMAdapter(nn.Module):
         """Hidden states [B, T, C] after the frozen layers below the adapter (what the prefix cache stores)."""
         if self.adapter is None:
             raise ValueError("the frozen prefix is the part below the adapter; this model has no adapter")
-        return self.base.prefix(tokens, n_layers=self.adapter.first_layer)
+        tuning = RowTuning.single(self.adapter.tuning) if self.adapter.tuning is not None else None
+        return self.base.prefix(tokens, n_layers=self.adapter.first_layer, tuning=tuning)
 
     # ------------------------------------------------------------------------------------------
     # building

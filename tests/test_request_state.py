@@ -271,3 +271,23 @@ def test_the_compiled_step_takes_the_tuning_as_an_input(setup):
     assert len(calls) == 7  # every step after the prefill ran the graph, with this request's terms
     assert tokens("bias", compiler.step()) == tokens("bias")  # no LoRA: another layout, decoded eagerly
     assert len(calls) == 7
+
+
+def test_the_training_prefix_of_a_v2_adapter_carries_its_tuning_below_the_prompts(setup):
+    """The frozen-prefix cache stores the layers below the adapter's prompts, which V2 tuning reaches too: the
+    loss from the cached prefix equals the full forward's (and would not without the tuning)."""
+    model, adapters = setup
+    adapter = adapters["lora"]
+    assert adapter.first_layer > 0
+    saved = model.adapter
+    model.use_adapter(adapter)
+    try:
+        tokens = torch.tensor([model.prompt_ids(PROMPTS[1], "raw")])
+        with torch.no_grad():
+            full = model.loss(tokens, tokens)
+            cached = model.loss(tokens, tokens, prefix=model.frozen_prefix(tokens))
+            untuned = model.loss(tokens, tokens, prefix=model.base.prefix(tokens, adapter.first_layer))
+    finally:
+        model.use_adapter(saved)
+    torch.testing.assert_close(cached, full, atol=1e-6, rtol=0)
+    assert (untuned - full).abs() > 1e-4
