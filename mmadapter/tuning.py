@@ -188,17 +188,12 @@ def fused_terms(tuning: RowTuning, layer: int, names: tuple[str, ...], outs: lis
                                        for (_, _, b), n in zip(terms, outs)]).t()  # Bᵀ [Σr, Σout]
                 lora.append((rows, a.to(dtype).contiguous(), b.to(dtype).contiguous()))
             if any(bi is not None for bi, _, _ in terms):
-                row_bias = torch.cat([bi if bi is not None else terms_like(terms).new_zeros(n)
-                                      for (bi, _, _), n in zip(terms, outs)]).to(dtype)  # [Σout]
-                if rows is None:
-                    bias = row_bias if bias is None else bias + row_bias
+                like = next(bi for bi, _, _ in terms if bi is not None)
+                group_bias = torch.cat([bi if bi is not None else like.new_zeros(n)
+                                        for (bi, _, _), n in zip(terms, outs)]).to(dtype)  # [Σout]
+                if rows is None:  # the only group: every row
+                    bias = group_bias
                 else:
-                    bias = bias if bias is not None else row_bias.new_zeros(tuning.batch, sum(outs))
-                    bias = bias.expand(tuning.batch, -1).clone() if bias.dim() == 1 else bias
-                    bias[rows] += row_bias
+                    bias = group_bias.new_zeros(tuning.batch, sum(outs)) if bias is None else bias  # [B, Σout]
+                    bias[rows] += group_bias
     return FusedTerms(lora, bias) if lora or bias is not None else None
-
-
-def terms_like(terms: list[tuple[Tensor | None, Tensor | None, Tensor | None]]) -> Tensor:
-    """Any tensor among a projection group's terms (for dtype and device)."""
-    return next(t for group in terms for t in group if t is not None)
