@@ -116,20 +116,13 @@ def _tower_stage(folder: Path, tower_file: Path, budget: Budget, progress: bool)
 
 def _model(tower_file: Path, budget: Budget) -> Any:
     """The embedded base with the built tower and a fresh adapter of the budget's recipe."""
-    import mmadapter
-    from ..spatial_tokens import spatial_token_count
+    from ..config import VisionConfig
+    from .recipe import demo_model
 
-    vision = mmadapter.VisionConfig(model=TOWER_NAME, pretrained=str(tower_file), projector=budget.projector,
-                                    spatial_grid=budget.spatial_grid)
-    model = mmadapter.load_base("smollm2-135m-instruct")
-    tower = model.attach_vision(vision)
-    n_prompts = budget.adapter_prompts
-    if budget.projector == "spatial":
-        n_prompts = spatial_token_count(tower.config, tower.feature_dim)[0]
+    vision = VisionConfig(model=TOWER_NAME, pretrained=str(tower_file), projector=budget.projector,
+                          spatial_grid=budget.spatial_grid)
     torch.manual_seed(0)
-    model.add_adapter(mmadapter.AdapterConfig(n_prompts=n_prompts, n_layers=budget.adapter_layers), seed=0)
-    model.adapter.template = budget.template
-    return model
+    return demo_model(vision, budget.adapter_layers, budget.adapter_prompts, budget.template)
 
 
 def _probe_stage(tower_file: Path, folder: Path, budget: Budget, progress: bool) -> dict[str, Any]:

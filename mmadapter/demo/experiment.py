@@ -57,23 +57,12 @@ class Experiment:
 
 
 def build_experiment_model(e: Experiment) -> Any:
-    """The embedded base with the experiment's tower and a fresh adapter (K = the image token count
-    for token projectors)."""
-    import mmadapter
-    from ..spatial_tokens import spatial_token_count
+    """The embedded base with the experiment's tower and a fresh adapter."""
+    from ..config import VisionConfig
+    from .recipe import demo_model
 
-    model_name, _, weights = e.tower.partition(":")
-    vision = mmadapter.VisionConfig(model=model_name, pretrained=weights or None, projector=e.projector,
-                                    spatial_grid=e.spatial_grid)
-    model = mmadapter.load_base("smollm2-135m-instruct")
-    tower = model.attach_vision(vision)
-    n_prompts = e.n_prompts
-    if e.projector == "spatial":
-        n_prompts = spatial_token_count(tower.config, tower.feature_dim)[0]
-    model.add_adapter(mmadapter.AdapterConfig(n_prompts=n_prompts, n_layers=e.n_layers,
-                                                    prompt_init_std=e.prompt_init_std), seed=e.seed)
-    model.adapter.template = e.template
-    return model
+    vision = VisionConfig.from_spec(e.tower, projector=e.projector, spatial_grid=e.spatial_grid)
+    return demo_model(vision, e.n_layers, e.n_prompts, e.template, e.prompt_init_std, e.seed)
 
 
 @dataclass
