@@ -26,7 +26,7 @@ def prompts(batch: int, vocab: int) -> torch.Tensor:
 
 
 def general_step(base):
-    """The general `Llama.forward` over one token: the decode step before the lean one (`llama.DecodeStep`)."""
+    """The general `Llama.forward` over one token: the decode step before the lean one (`decode_step.DecodeStep`)."""
     def step(token, pos, cache, key_mask, adapter):
         h = base(token[:, None], input_pos=torch.tensor([pos]), cache=cache, key_mask=key_mask, adapter=adapter)
         return base.head(h[:, -1])
