@@ -1,5 +1,6 @@
-"""The model flags of chat, eval and eval-vqa (add_model_args), the sampling flags of chat, and `--vision`
-for every command that builds towers (serve too), so those are spelled and parsed the same.
+"""The model flags of chat, eval and eval-vqa (add_model_args), the sampling flags of chat, `--vision`
+for every command that builds towers (serve too), so those are spelled and parsed the same, and
+`run_script`: the error handling of the `python eval/*.py` scripts.
 
 Not shared yet: serve (app/serve.py) and convert declare their own --base, and serve its own --adapter
 and --dtype (without float16); convert's --vision names a tower config only (no weights are read).
@@ -8,6 +9,9 @@ and --dtype (without float16); convert's --vision names a tower config only (no 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
 
 from ..weights import DEFAULT_BASE
 
@@ -90,3 +94,21 @@ def load_model(args: argparse.Namespace):
         model.use_adapter(import_adapter(model, args.adapter, allow_base_mismatch=args.allow_base_mismatch,
                                          vision=args.vision))
     return model
+
+
+def run_script(prog: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+               run: Callable[[argparse.Namespace], int], argv: Sequence[str] | None, error_name: str) -> int:
+    """A command's `run(args)` as a standalone script: Ctrl-C exits 130 with a resume hint, and our errors
+    (which carry the whole message) print as one `error_name: error: ...` line and exit 2."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as err:
+        print(f"{error_name}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 from ..data.scienceqa import load_scienceqa
 from ..evaluation.scienceqa import (DEFAULT_MAX_NEW_TOKENS, METRICS, MODES, PREDICTIONS, REPORT, RESULTS, EvalError,
                                    check_options, evaluate, format_report)
-from .common import add_model_args, load_model
+from .common import add_model_args, load_model, run_script
 
 SCIENCEQA_DESCRIPTION = "ScienceQA accuracy of a base (+ adapter), batched and resumable."
 
@@ -74,15 +73,4 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python eval/scienceqa.py ...`: the `mmadapter eval scienceqa` command as a script."""
-    parser = argparse.ArgumentParser(prog="python eval/scienceqa.py", description=SCIENCEQA_DESCRIPTION)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, RuntimeError) as err:  # our errors carry the whole message
-        print(f"scienceqa: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    return run_script("python eval/scienceqa.py", SCIENCEQA_DESCRIPTION, add_arguments, run, argv, "scienceqa")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +13,7 @@ from ..evaluation.vqa import DEFAULT_INSTRUCTION, DEFAULT_MAX_NEW_TOKENS, check_
 from ..evaluation.vqa_data import SHAPES_TEST, load_vqa
 from ..evaluation.vqa_metrics import METRICS as METRIC_NAMES
 from ..evaluation.vqa_report import format_report
-from .common import add_model_args, load_model
+from .common import add_model_args, load_model, run_script
 
 VQA_DESCRIPTION = ("Visual question answering accuracy of a base (+ adapter): VQAv2, GQA-style exact match, MME, "
                    "POPE or your own JSON/JSONL, batched and resumable.")
@@ -79,15 +78,4 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python eval/vqa.py ...`: the `mmadapter eval vqa` command as a script."""
-    parser = argparse.ArgumentParser(prog="python eval/vqa.py", description=VQA_DESCRIPTION)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, RuntimeError) as err:  # our errors carry the whole message
-        print(f"vqa: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    return run_script("python eval/vqa.py", VQA_DESCRIPTION, add_arguments, run, argv, "vqa")

@@ -250,17 +250,22 @@ def _readable_image(problem: Problem, unreadable: set[str]) -> Any:
         return None
 
 
-def check_options(mode: str, fmt: str, batch_size: int, max_new_tokens: int | None,
-                  template: str | None) -> tuple[str, str]:
-    """Fail before any model work; returns the parsed format."""
-    if mode not in MODES:
-        raise EvalError(f"unknown mode {mode!r}; use one of: {', '.join(MODES)}")
+def check_generation_options(batch_size: int, max_new_tokens: int | None, template: str | None) -> None:
+    """The batch size, answer length and template checks every benchmark makes before any model work."""
     if batch_size < 1:
         raise EvalError(f"batch size must be at least 1, got {batch_size}")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise EvalError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if template not in (None, "raw", *TEMPLATES):
         raise EvalError(f"unknown template {template!r}; use one of: raw, {', '.join(sorted(TEMPLATES))}")
+
+
+def check_options(mode: str, fmt: str, batch_size: int, max_new_tokens: int | None,
+                  template: str | None) -> tuple[str, str]:
+    """Fail before any model work; returns the parsed format."""
+    if mode not in MODES:
+        raise EvalError(f"unknown mode {mode!r}; use one of: {', '.join(MODES)}")
+    check_generation_options(batch_size, max_new_tokens, template)
     return parse_format(fmt)
 
 

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
-from ..data.templates import TEMPLATES
-from .scienceqa import METRICS, PREDICTIONS, REPORT, RESULTS, EvalError, _adapter_hash, _open_log, image_support
+from .scienceqa import (METRICS, PREDICTIONS, REPORT, RESULTS, EvalError, _adapter_hash, _open_log,
+                        check_generation_options, image_support)
 from .vqa_data import VQAData, VQAItem, read_image
 from .vqa_metrics import METRICS as METRIC_NAMES
 from .vqa_report import default_metric, format_report, summarize
@@ -73,12 +73,7 @@ def check_vqa_options(metric: str | None, batch_size: int, max_new_tokens: int |
     """Fail before any model work."""
     if metric is not None and metric not in METRIC_NAMES:
         raise EvalError(f"unknown metric {metric!r}; use one of: {', '.join(METRIC_NAMES)}")
-    if batch_size < 1:
-        raise EvalError(f"batch size must be at least 1, got {batch_size}")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise EvalError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if template not in (None, "raw", *TEMPLATES):
-        raise EvalError(f"unknown template {template!r}; use one of: raw, {', '.join(sorted(TEMPLATES))}")
+    check_generation_options(batch_size, max_new_tokens, template)
 
 
 def evaluate_vqa(model: MMAdapter, data: VQAData, *, metric: str | None = None, instruction: str | None = None,
