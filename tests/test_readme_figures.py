@@ -201,9 +201,16 @@ def limits() -> list[str]:
             f"within {TIME_LIMIT_S:.0f} s and {MEMORY_LIMIT_MIB} MiB"]
 
 
+def demo_tower_probe() -> list[str]:
+    """The question-conditioned probe table of the shipped tower, as its own formatter writes it."""
+    from mmadapter.demo.reader_probe import format_table
+
+    return format_table(result("reader_probe_shipped")).split("\n\n")[0].splitlines()
+
+
 FIGURES: dict[str, Callable[[], list[str]]] = {
     "benchmarks table": table, "benchmarks text": benchmark_prose, "serving": serving,
-    "parameter counts": parameter_counts, "limits": limits,
+    "parameter counts": parameter_counts, "limits": limits, "demo tower probe": demo_tower_probe,
 }
 
 

@@ -184,6 +184,9 @@ def run(e: Experiment, out: Path, progress: bool = True) -> dict[str, Any]:
                        "gate_max": float(adapter.gates.detach().tanh().abs().max())})
         if progress:
             print(json.dumps(points[-1]))
+        out.mkdir(parents=True, exist_ok=True)  # the curve so far: a stopped run keeps what it measured
+        atomic_write_text(out / "curve.json", json.dumps({"settings": asdict(e), "train_questions": len(train_q.tokens),
+                                                          "points": points}, indent=1))
 
     record(0)
     for step in tqdm(range(1, e.steps + 1), desc="steps", disable=not progress):
@@ -207,10 +210,20 @@ def run(e: Experiment, out: Path, progress: bool = True) -> dict[str, Any]:
         losses.append(float(loss.detach()))
         if step % e.every == 0 or step == e.steps:
             record(step)
-    result = {"settings": asdict(e), "train_questions": len(train_q.tokens), "points": points}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "curve.json", json.dumps(result, indent=1))
-    return result
+    return json.loads((out / "curve.json").read_text(encoding="utf-8"))
+
+
+def format_curves(curves: dict[str, dict[str, Any]]) -> str:
+    """Markdown: one row per experiment and question type, held-out accuracy at each evaluation."""
+    lines = ["| experiment | projector | adapted layers | gate lr × | prompt init std | accuracy (%) at presentations |",
+             "|---|---|---:|---:|---:|---|"]
+    for name, curve in curves.items():
+        e = curve["settings"]
+        for kind in e["kinds"]:
+            points = ", ".join(f"{p['accuracy'][kind]:.0f} @ {p['presentations']:,}" for p in curve["points"])
+            lines.append(f"| {name} ({kind}) | {e['projector']} | {e['n_layers']} | {e['gate_lr_scale']:g} "
+                         f"| {e['prompt_init_std']:g} | {points} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
