@@ -50,7 +50,7 @@ def smollm():
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """Which CPU kernel families the quantised tests ran under (tests/test_quant_capabilities.py)."""
     module = sys.modules.get("test_quant_capabilities")
-    if module is not None:
-        terminalreporter.write_line(f"quantised kernels checked under ATEN_CPU_CAPABILITY: "
-                                    f"{', '.join(sorted(set(module.COVERED), key=str))} "
-                                    f"(this CPU runs: {', '.join(module.RUNNABLE)})")
+    if module is not None and module.COVERED:
+        here = f" and {module.THIS_PROCESS} (this process)" if "test_quant" in sys.modules else ""
+        terminalreporter.write_line(f"quantised tests passed under ATEN_CPU_CAPABILITY: {', '.join(module.COVERED)} "
+                                    f"(subprocesses){here}; this CPU runs: {', '.join(module.RUNNABLE)}")
