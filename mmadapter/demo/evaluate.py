@@ -113,11 +113,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adapter", help="adapter file (default: the shipped demo adapter)")
     parser.add_argument("--tower", help="tower weights (default: the shipped demo tower)")
     parser.add_argument("--per-kind", type=int, default=600)
-    parser.add_argument("--ablation-per-kind", type=int, default=None)
+    parser.add_argument("--ablation-per-kind", type=int, default=100,
+                        help="questions per type for the drawn-differently and ablation runs (default: 100)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default="runs/demo-eval",
                         help="folder for results.json, table.md and each run's resumable VQA files "
                              "(default: runs/demo-eval)")
+    parser.add_argument("--results", help="also write the results here (make demo-eval: bench/results/demo_eval.json, "
+                                          "which the README's table is checked against)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     from ..atomic import atomic_write_text
@@ -129,9 +132,10 @@ def main(argv: list[str] | None = None) -> None:
                        out=out)
     table = format_table(results)
     print(table)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
-    atomic_write_text(out / "table.md", table + "\n")
-    print(f"wrote {out / 'results.json'} and {out / 'table.md'}")
+    written = [out / "results.json", out / "table.md"] + ([Path(args.results)] if args.results else [])
+    for path in written:
+        atomic_write_text(path, (table if path.suffix == ".md" else json.dumps(results, indent=1)) + "\n")
+    print(f"wrote {', '.join(map(str, written))}")
 
 
 if __name__ == "__main__":
