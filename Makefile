@@ -61,8 +61,8 @@ demo-weights: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m mmadapter.demo.build --out runs/demo-build --ship
 
 # Accuracy of the shipped demo per question type (the VQA evaluator on shapes:test), beside the same scenes drawn
-# differently, the ablations
-# (another scene's image, image token zeroed) and the blind best; writes runs/demo-eval/ and bench/results/demo_eval.json.
+# differently, the ablations (another scene's image, image token zeroed) and the blind best; writes
+# runs/demo-eval/ and bench/results/demo_eval.json.
 demo-eval: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m mmadapter.demo.evaluate --out runs/demo-eval --results bench/results/demo_eval.json
 
