@@ -262,11 +262,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/demo-build", help="working folder (default: runs/demo-build)")
     parser.add_argument("--quick", action="store_true", help="a tiny budget that checks the pipeline in minutes")
     parser.add_argument("--ship", action="store_true", help="copy the results into the package")
+    parser.add_argument("--projector", choices=("mlp", "spatial"),
+                        help="the adapter's image path (default: the budget's, mlp: one V1 image token)")
+    parser.add_argument("--template", choices=("chat", "chat-short"), help="prompt template (default: the budget's)")
+    parser.add_argument("--adapter-layers", type=int, help="adapted layers (default: the budget's)")
+    parser.add_argument("--train-scenes", type=int, help="training scenes (default: the budget's)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     out = Path(args.out)
     t0 = time.time()
-    build(out, QUICK if args.quick else FULL)
+    overrides = {k: v for k in ("projector", "template", "adapter_layers", "train_scenes")
+                 if (v := getattr(args, k)) is not None}
+    build(out, dataclasses.replace(QUICK if args.quick else FULL, **overrides))
     print(f"build: {time.time() - t0:.0f} s in this run")
     if args.ship:
         ship(out)
