@@ -96,6 +96,17 @@ def load_model(args: argparse.Namespace):
     return model
 
 
+def add_evaluation_outputs(p: argparse.ArgumentParser, results_format: str) -> None:
+    """The template and output flags every evaluation command shares (results_format: what results.json is)."""
+    p.add_argument("--template", default=None,
+                   help="prompt template: chat, chat-short, alpaca, plain, raw (default: the adapter's, else the model's)")
+    p.add_argument("--out", default=None, help="directory for predictions.jsonl (resumable), results.json "
+                                               f"({results_format}), metrics.json and metrics.md")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier predictions in --out")
+    p.add_argument("--no-images", action="store_true", help="answer from the text only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def run_script(prog: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
                run: Callable[[argparse.Namespace], int], argv: Sequence[str] | None, error_name: str) -> int:
     """A command's `run(args)` as a standalone script: Ctrl-C exits 130 with a resume hint, and our errors

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..data.scienceqa import load_scienceqa
 from ..evaluation.scienceqa import (DEFAULT_MAX_NEW_TOKENS, METRICS, MODES, PREDICTIONS, REPORT, RESULTS, EvalError,
                                    check_options, evaluate, format_report)
-from .common import add_model_args, load_model, run_script
+from .common import add_evaluation_outputs, add_model_args, load_model, run_script
 
 SCIENCEQA_DESCRIPTION = "ScienceQA accuracy of a base (+ adapter), batched and resumable."
 
@@ -45,13 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"generate mode (default: {DEFAULT_MAX_NEW_TOKENS['A']} for -A, "
                         f"{DEFAULT_MAX_NEW_TOKENS['ALE']} for -ALE formats)")
-    p.add_argument("--template", default=None,
-                   help="prompt template: chat, alpaca, plain, raw (default: the adapter's, else the model's)")
-    p.add_argument("--out", default=None, help="directory for predictions.jsonl (resumable), results.json "
-                                               "(official format), metrics.json and metrics.md")
-    p.add_argument("--overwrite", action="store_true", help="discard earlier predictions in --out")
-    p.add_argument("--no-images", action="store_true", help="answer from the text only")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_evaluation_outputs(p, "official format")
 
 
 def run(args: argparse.Namespace) -> int:

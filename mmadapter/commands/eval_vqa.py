@@ -13,7 +13,7 @@ from ..evaluation.vqa import DEFAULT_INSTRUCTION, DEFAULT_MAX_NEW_TOKENS, check_
 from ..evaluation.vqa_data import SHAPES_TEST, load_vqa
 from ..evaluation.vqa_metrics import METRICS as METRIC_NAMES
 from ..evaluation.vqa_report import format_report
-from .common import add_model_args, load_model, run_script
+from .common import add_evaluation_outputs, add_model_args, load_model, run_script
 
 VQA_DESCRIPTION = ("Visual question answering accuracy of a base (+ adapter): VQAv2, GQA-style exact match, MME, "
                    "POPE or your own JSON/JSONL, batched and resumable.")
@@ -49,13 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"answer length (default: {DEFAULT_MAX_NEW_TOKENS}; {SHAPES_TEST}: 48 for captions, 6 else)")
-    p.add_argument("--template", default=None,
-                   help="prompt template: chat, alpaca, plain, raw (default: the adapter's, else the model's)")
-    p.add_argument("--out", default=None, help="directory for predictions.jsonl (resumable), results.json "
-                                               "(submission format), metrics.json and metrics.md")
-    p.add_argument("--overwrite", action="store_true", help="discard earlier predictions in --out")
-    p.add_argument("--no-images", action="store_true", help="answer from the text only")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_evaluation_outputs(p, "submission format")
 
 
 def run(args: argparse.Namespace) -> int:
