@@ -169,8 +169,8 @@ class BatchEngine:
             for request in arrivals:
                 self._admit(request)
             budget = self.prefill_chunk  # prompt tokens before the next step of the running rows (0: no limit)
-            while self._prefilling and (budget > 0 or self.prefill_chunk == 0):
-                budget -= self._prefill_chunk(budget)
+            while self._prefilling and (self.prefill_chunk == 0 or budget > 0):
+                budget -= self._prefill_chunk(budget if self.prefill_chunk else 0)
             try:
                 if self._active():
                     self._step()

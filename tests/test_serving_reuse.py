@@ -241,3 +241,18 @@ def test_short_prompts_waiting_together_are_prefilled_in_one_pause(setup):
     kinds = [kind for kind, _ in engine.events]
     first = kinds.index("chunk")
     assert kinds[first:first + 2] == ["chunk", "chunk"]  # no step between the two prefills
+
+
+def test_whole_prompts_waiting_together_are_all_prefilled(setup):
+    """prefill_chunk=0 (whole prompts, no budget): several prompts that arrive together each go in whole and
+    answer as alone (a spent budget once handed the second prompt a negative chunk)."""
+    model, _ = setup
+    engine = BatchEngine(model, max_batch=4, max_slots=256, prefill_chunk=0)
+    questions = ["Name a colour.", "Name an animal.", "Name a fruit."]
+    with engine._wake:  # all pending when the engine next looks
+        engine.events = []
+        streams = [engine.submit(model.prompt_ids(q), sampling=Sampling(NEW)) for q in questions]
+    answers = [model.tokenizer.decode([t for t in s if t not in model.tokenizer.eos_ids]) for s in streams]
+    assert answers == [model.generate(q, max_new_tokens=NEW) for q in questions]
+    kinds = [kind for kind, _ in engine.events]
+    assert kinds[:3] == ["chunk", "chunk", "chunk"]  # each prompt in one piece, before the first step
