@@ -31,6 +31,11 @@ def row(name: str, first: str, batch: int | None = None) -> list[Any]:
     return rows[0]
 
 
+def mark(met: bool) -> str:
+    """The README's mark for a target met or missed."""
+    return "✓" if met else "✗"
+
+
 def times(text: str) -> str:
     """The files write ratios as "1.30x"; the README as "1.30×"."""
     return text.replace("x", "×")
@@ -101,6 +106,7 @@ def benchmark_prose() -> list[str]:
     matvec = {r[0]: r for r in result("matvec")["rows"]}
     head_saving = (float(matvec["thread split (ours)"][3].split()[0]) - float(matvec["oneDNN packed"][3].split()[0]))
     v2 = result("v2")
+    bias, lora = v2["overhead_percent"]["V2 bias"], v2["overhead_percent"]["V2 bias + LoRA r16"]
     epoch_tokens = int(re.search(r"\((\d+) tokens\)", result("epoch")["title"]).group(1))
     weights_mb = re.search(r"\((\d+ MB) fp32", result("matvec")["title"]).group(1)
     return [
@@ -140,8 +146,8 @@ def benchmark_prose() -> list[str]:
         f"(the table above: {ours8:.1f} tokens/s at batch 8 against {ours:.1f} at batch 1 with the adapter, "
         f"{ours8 / ours:.2f}×)",
         f"Measured {date('v2')} (2-core AMD EPYC; `bench/results/v2.json`): bias tuning costs "
-        f"{v2['overhead_percent']['V2 bias']:.1f}% over the base (✓), bias + LoRA r16 "
-        f"{v2['overhead_percent']['V2 bias + LoRA r16']:.1f}% (✗), in a single run",
+        f"{bias:.1f}% over the base ({mark(bias <= 10)}), bias + LoRA r16 {lora:.1f}% ({mark(lora <= 25)}), "
+        f"in a single run",
         f"a 135M base whose whole token takes {1000 / row('v2', 'mmadapter fp32, base', 1)[2]:.0f} ms",
     ]
 
@@ -158,13 +164,11 @@ def serving() -> list[str]:
     rows = {r[0]: r for r in result("serving")["rows"]}
     out = []
     for name, label in (("one at a time", "one at a time (`--max-batch 0`)"),
-                        ("continuous batching", "continuous batching (`--max-batch 8`)")):
+                        ("continuous batching", "batching, whole prompts, no reuse (`--prefill-chunk 0 --reuse-mb 0`)"),
+                        ("batching + chunked prefill + reuse", "batching + chunked prefill + reuse (the defaults)")):
         r = rows[name]
         out.append(f"| {label} | {r[1].replace('/', ' / ')} | {r[2]:.1f} s | {r[3]:.1f} s | {r[4]:.1f} | {r[5]:.1f} "
-                   f"| {times(r[6])} | {r[8]} MiB |")
-    ratio = rows["batched / one at a time"]
-    batched = float(rows["continuous batching"][6].rstrip("x"))
-    out.append(f"Batching halves the p95 latency ({times(ratio[3])}). Eight users get {batched:.1f}× the tokens/s")
+                   f"| {times(r[6])} | {times(r[10])} | {r[11]:.2f} → {r[12]:.2f} s ({times(r[13])}) | {r[8]} MiB |")
     return out
 
 
@@ -208,9 +212,41 @@ def demo_tower_probe() -> list[str]:
     return format_table(result("reader_probe_shipped")).split("\n\n")[0].splitlines()
 
 
+def bench_table(name: str) -> list[str]:
+    """A result file's table as the README quotes it: a caption line (what, machine, CPU flags, date), then
+    the Markdown rows `bench.common.section` writes."""
+    from bench.common import section
+
+    r = result(name)
+    m = r["machine"]
+    caption = f"{r['title']}; {m['cpu']}, CPU flags: {m.get('cpu_flags') or 'none listed'}, {m['date']}:"
+    return [caption] + section(r["title"], r["headers"], r["rows"]).splitlines()[2:]
+
+
+def quantised() -> list[str]:
+    return bench_table("quant_kernels") + bench_table("quant")
+
+
+def demo_eval() -> list[str]:
+    """The shipped demo's accuracy table, as `make demo-eval` prints it (bench/results/demo_eval.json)."""
+    from mmadapter.demo.evaluate import format_table
+
+    return [line for line in format_table(result("demo_eval")).splitlines() if line]
+
+
+def demo_experiments() -> list[str]:
+    """The learning-curve experiments' table (bench/results/demo_experiments/*.json)."""
+    from mmadapter.demo.experiment import format_curves
+
+    curves = {p.stem: json.loads(p.read_text()) for p in sorted((RESULTS / "demo_experiments").glob("*.json"))}
+    assert curves, "no learning-curve results in bench/results/demo_experiments/"
+    return format_curves(curves).splitlines()
+
+
 FIGURES: dict[str, Callable[[], list[str]]] = {
     "benchmarks table": table, "benchmarks text": benchmark_prose, "serving": serving,
     "parameter counts": parameter_counts, "limits": limits, "demo tower probe": demo_tower_probe,
+    "demo accuracy": demo_eval, "demo learning curves": demo_experiments, "quantised": quantised,
 }
 
 
