@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from ..weights import DEFAULT_BASE
 
@@ -105,6 +106,15 @@ def add_evaluation_outputs(p: argparse.ArgumentParser, results_format: str) -> N
     p.add_argument("--overwrite", action="store_true", help="discard earlier predictions in --out")
     p.add_argument("--no-images", action="store_true", help="answer from the text only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def print_results(report: str, out: str | None) -> None:
+    """An evaluation's table on stdout and, with --out, the files it wrote on stderr."""
+    from ..evaluation.scienceqa import METRICS, PREDICTIONS, REPORT, RESULTS
+
+    print(report, end="")
+    if out:
+        print(f"wrote {', '.join(str(Path(out) / n) for n in (RESULTS, METRICS, REPORT, PREDICTIONS))}", file=sys.stderr)
 
 
 def run_script(prog: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None],

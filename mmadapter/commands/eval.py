@@ -7,12 +7,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from ..data.scienceqa import load_scienceqa
-from ..evaluation.scienceqa import (DEFAULT_MAX_NEW_TOKENS, METRICS, MODES, PREDICTIONS, REPORT, RESULTS, EvalError,
-                                   check_options, evaluate, format_report)
-from .common import add_evaluation_outputs, add_model_args, load_model, run_script
+from ..evaluation.scienceqa import DEFAULT_MAX_NEW_TOKENS, MODES, EvalError, check_options, evaluate, format_report
+from .common import add_evaluation_outputs, add_model_args, load_model, print_results, run_script
 
 SCIENCEQA_DESCRIPTION = "ScienceQA accuracy of a base (+ adapter), batched and resumable."
 
@@ -58,10 +56,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate(model, problems, mode=args.mode, fmt=args.format, template=args.template,
                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, use_images=not args.no_images,
                        out=args.out, overwrite=args.overwrite, load_stats=stats, progress=not args.no_progress)
-    print(format_report(metrics), end="")
-    if args.out:
-        print(f"wrote {', '.join(str(Path(args.out) / n) for n in (RESULTS, METRICS, REPORT, PREDICTIONS))}",
-              file=sys.stderr)
+    print_results(format_report(metrics), args.out)
     return 0
 
 

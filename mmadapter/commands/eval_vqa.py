@@ -4,16 +4,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from ..evaluation.scienceqa import METRICS, PREDICTIONS, REPORT, RESULTS, EvalError
+from ..evaluation.scienceqa import EvalError
 from ..evaluation.vqa import DEFAULT_INSTRUCTION, DEFAULT_MAX_NEW_TOKENS, check_vqa_options, evaluate_vqa
 from ..evaluation.vqa_data import SHAPES_TEST, load_vqa
 from ..evaluation.vqa_metrics import METRICS as METRIC_NAMES
 from ..evaluation.vqa_report import format_report
-from .common import add_evaluation_outputs, add_model_args, load_model, run_script
+from .common import add_evaluation_outputs, add_model_args, load_model, print_results, run_script
 
 VQA_DESCRIPTION = ("Visual question answering accuracy of a base (+ adapter): VQAv2, GQA-style exact match, MME, "
                    "POPE or your own JSON/JSONL, batched and resumable.")
@@ -63,10 +61,7 @@ def run(args: argparse.Namespace) -> int:
                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                            use_images=not args.no_images, out=args.out, overwrite=args.overwrite,
                            progress=not args.no_progress)
-    print(format_report(metrics), end="")
-    if args.out:
-        print(f"wrote {', '.join(str(Path(args.out) / n) for n in (RESULTS, METRICS, REPORT, PREDICTIONS))}",
-              file=sys.stderr)
+    print_results(format_report(metrics), args.out)
     return 0
 
 
