@@ -117,3 +117,29 @@ def test_the_tower_loss_is_open_clips_clip_loss_plus_hard_negative_captions():
     assert with_negatives > contrastive_loss(images, texts, scale)  # more texts to tell apart on the image side
     aligned = contrastive_loss(images, torch.cat([images, negatives]), torch.tensor(100.0))
     assert aligned < 0.01  # each image's own caption wins against every in-batch and hard-negative text
+
+
+def test_the_apps_multi_object_examples_are_the_fixed_scenes_drawn_again(demo, tmp_path):
+    """The committed example pictures are what `python -m mmadapter.demo.examples` draws (a fixed seed), each
+    question has one answer from its scene, and the app offers them."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from mmadapter.app.service import ChatService
+    from mmadapter.app.ui import build_demo
+    from mmadapter.data import shapes
+    from mmadapter.demo.examples import EXAMPLES_DIR, example_scenes, write_examples
+
+    fresh = write_examples(tmp_path)
+    scenes = example_scenes()
+    assert [len(scene.objects) for _, scene, _ in scenes] == [3, 4, 5]
+    for path, (name, scene, question) in zip(fresh, scenes):
+        committed = np.asarray(Image.open(EXAMPLES_DIR / name))
+        assert np.array_equal(committed, np.asarray(Image.open(path))), name
+        assert shapes.answer_question(scene, question)
+    assert [o.shape for o in scenes[0][1].objects].count("square") == 1  # "the square" names one object
+    ui = build_demo(ChatService(demo, AdapterSet(demo)))
+    offered = json.dumps([getattr(block, "samples", None) for block in ui.blocks.values()], default=str)
+    assert all(question in offered and name in offered for name, _, question in scenes)

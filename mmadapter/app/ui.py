@@ -23,10 +23,11 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from ..adapter_set import NO_ADAPTER
+from ..demo.examples import example_scenes
 
 from .service import WARN, ChatService
 
-EXAMPLES_DIR = Path(__file__).parent / "examples"
+EXAMPLES_DIR = Path(__file__).parent / "examples"  # the red circle, and the demo's multi-object pictures
 TITLE = "mmadapter — visual question answering with LLaMA-Adapter"
 UPLOAD_MAX_AGE_S = 3600  # uploads live at most this long (Gradio's sweep) or this long after the session's last turn
 UPLOAD_SWEEP_S = 600
@@ -212,7 +213,8 @@ def build_demo(service: ChatService, upload_grace_s: float = UPLOAD_RELEASE_GRAC
         gr.Examples(
             examples=[[{"text": "What is the capital of France?", "files": []}],
                       [{"text": "Give me three tips for a good night's sleep.", "files": []}],
-                      [{"text": "What color is this shape?", "files": [str(EXAMPLES_DIR / "red_circle.png")]}]],
+                      [{"text": "What color is this shape?", "files": [str(EXAMPLES_DIR / "red_circle.png")]}]]
+            + [[{"text": question, "files": [str(EXAMPLES_DIR / name)]}] for name, _, question in example_scenes()],
             inputs=[box], label="Examples")
         inputs = [box, chatbot, adapter, temperature, top_p, max_new_tokens]
         box.submit(respond, inputs, [chatbot, box, session], api_name="chat")
