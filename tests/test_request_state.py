@@ -53,6 +53,25 @@ def solo(model, prompt, image, adapter) -> str:
     return model.generate(prompt, image, adapter=adapter, max_new_tokens=NEW, template="raw")
 
 
+def served_together(engine, requests, adapters) -> list[str | None]:
+    """The answers of (prompt, image, adapter kind) requests, all sent to the engine at once from their own threads."""
+    results: list[str | None] = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def run(i: int) -> None:
+        prompt, image, kind = requests[i]
+        start.wait()
+        results[i] = "".join(engine.stream(prompt, image, adapter=adapters[kind], max_new_tokens=NEW,
+                                           template="raw"))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return results
+
+
 def base_tensors(model) -> dict[str, torch.Tensor]:
     base = model.base
     return {name: t.detach().clone() for name, t in [*base.named_parameters(), *base.named_buffers()]}
@@ -87,20 +106,7 @@ def test_a_batch_mixing_v1_and_v2_adapters_gives_every_request_its_solo_tokens(s
     assert len(set(same_prompt.values())) == len(adapters)  # every adapter answers differently: a mix-up shows
 
     engine = BatchEngine(model, max_batch=len(requests), max_slots=128)
-    results: list[str | None] = [None] * len(requests)
-    start = threading.Barrier(len(requests))
-
-    def run(i: int) -> None:
-        prompt, image, kind = requests[i]
-        start.wait()
-        results[i] = "".join(engine.stream(prompt, image, adapter=adapters[kind], max_new_tokens=NEW,
-                                           template="raw"))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    results = served_together(engine, requests, adapters)
     assert results == alone
     assert engine.peak_rows >= 4  # decoded together, V1 and both V2 tunings in one batch
 
@@ -144,20 +150,7 @@ def test_spatial_tokens_share_the_batch_with_v1_and_v2(setup, five_prompts):
     assert alone[0] != solo(model, PROMPTS[0], blue, adapters["spatial"])  # the image changes the answer
     assert len({solo(model, PROMPTS[0], None, a) for a in adapters.values()}) == len(adapters)
     engine = BatchEngine(model, max_batch=len(requests), max_slots=128)
-    streams = [engine.stream(p, image, adapter=adapters[k], max_new_tokens=NEW, template="raw")
-               for p, image, k in requests]
-    results = [None] * len(requests)
-    start = threading.Barrier(len(requests))
-
-    def run(i: int) -> None:
-        start.wait()
-        results[i] = "".join(streams[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    results = served_together(engine, requests, adapters)
     assert results == alone
     assert engine.peak_rows >= 4
 
