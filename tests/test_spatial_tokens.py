@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
-from test_train import (COLOURS, draw_picture, make_text_base, make_tower_dir,  # noqa: F401 (one_thread: autouse)
-                        one_thread, quick_config, subprocess_env)
+from test_train import (COLOURS, draw_picture, one_thread, quick_config,  # noqa: F401 (fixtures: one_thread is
+                        subprocess_env, text_base, tower_dir)  # autouse; text_base and tower_dir are used by name)
 
 from mmadapter import AdapterConfig, VisionConfig
 from mmadapter.adapter import Adapter
@@ -35,16 +35,6 @@ from mmadapter.train_log import model_options
 from mmadapter.vision import VisionTower
 
 GRID, K = 2, 5  # a 2x2 grid of regions + the class token
-
-
-@pytest.fixture(scope="module")
-def text_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_text_base(tmp_path_factory.mktemp("text_base"))
-
-
-@pytest.fixture(scope="module")
-def tower_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tower_dir(tmp_path_factory.mktemp("towers") / "tiny_vit")
 
 
 def spatial(tower: Path, grid: int | None = GRID, depth: int | None = None) -> VisionConfig:
