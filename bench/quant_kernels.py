@@ -6,7 +6,14 @@ SmolLM2-135M's shape once per sweep (far larger than any cache), one row each, b
   (what mmadapter uses) and with fp32 activations;
 - a dequantise-and-reduce written in PyTorch and compiled by `torch.compile` (inductor's C++ code) for each
   shape, fp32 activations: the kernel a compiler generates when no library kernel fits. Compile time is
-  reported beside it.
+  reported beside it;
+- fbgemm's dynamic-quantised linear (`quantized.linear_dynamic`) over the same int8 codes and per-row scales:
+  fp32 in and out, the activations quantised per tensor on the fly to 7 bits (`reduce_range`: full 8-bit
+  activations can overflow the AVX2 kernel's 16-bit pair sums, and measured worse). Its error column is on
+  a Gaussian row; on SmolLM2's real hidden states, whose few outlier channels are hundreds of times larger
+  than the rest, it errs several times more than the bf16 kernel and changes greedy text, which is why
+  mmadapter does not decode with it;
+- fbgemm's fp16-weight linear (`quantized.linear_dynamic_fp16`): half the fp32 bytes, fp32 activations.
 
 Each row of the table: time per sweep, the bytes its weights hold read per second, and the speed against fp32.
 The machine's CPU flags are in the result file: the bf16 rows depend on native bf16 support.
@@ -15,6 +22,7 @@ The machine's CPU flags are in the result file: the bf16 rows depend on native b
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -36,6 +44,28 @@ def _int4_reduce(x: Tensor, low: Tensor, high: Tensor, scales: Tensor, zeros: Te
     partial = (low.to(torch.float32) * xg[:, 0] + high.to(torch.float32) * xg[:, 1]).sum(-1)  # [out, groups]
     xs = xg.sum((-1, -2))  # [groups]
     return ((partial - 8 * xs) * scales + zeros * xs).sum(-1)[None]  # [1, out]
+
+
+def _fbgemm_int8(codes: Tensor, scales: Tensor) -> torch.ScriptObject:
+    """int8 codes [out, in] and per-row scales [out] packed for fbgemm's dynamic-quantised linear, unchanged."""
+    scales = scales.double()
+    with warnings.catch_warnings():
+        # fbgemm packs only from a qint8 tensor, and PyTorch has deprecated the functions that make one; the
+        # tensor lives for this call only (what is timed is the packed kernel), so that warning says nothing here
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions", category=UserWarning)
+        weight = torch._make_per_channel_quantized_tensor(codes, scales, torch.zeros_like(scales, dtype=torch.long), 0)
+    return torch.ops.quantized.linear_prepack(weight, None)
+
+
+def _fbgemm_products(weights: list[Tensor], int8_parts: list[tuple[Tensor, Tensor]]
+                     ) -> dict[str, Callable[[Tensor, int], Tensor]]:
+    """fbgemm's int8 (the Int8Linears' own codes and scales) and fp16 products; none where PyTorch has no fbgemm."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return {}
+    packed8 = [_fbgemm_int8(codes, scales) for codes, scales in int8_parts]
+    packed16 = [torch.ops.quantized.linear_prepack_fp16(w, None) for w in weights]
+    return {"int8 fbgemm dynamic, fp32 x": lambda x, i: torch.ops.quantized.linear_dynamic(x, packed8[i], True),
+            "fp16 fbgemm, fp32 x": lambda x, i: torch.ops.quantized.linear_dynamic_fp16(x, packed16[i])}
 
 
 def candidates(weights: list[Tensor]) -> tuple[dict[str, Callable[[Tensor, int], Tensor]], dict[str, float]]:
@@ -67,6 +97,7 @@ def candidates(weights: list[Tensor]) -> tuple[dict[str, Callable[[Tensor, int],
         "int8 kernel, fp32 x": lambda x, i: torch.ops.aten._weight_int8pack_mm(x, int8[i].weight_int8,
                                                                               int8[i].weight_scale.float()),
         "int8 compiled, fp32 x": lambda x, i: compiled8(x, *int8_parts[i]),
+        **_fbgemm_products(weights, int8_parts),
         "4-bit kernel, bf16 x": lambda x, i: int4[i].kernel(x.to(torch.bfloat16)).float(),
         "4-bit compiled, fp32 x": lambda x, i: compiled4(x, *int4_parts[i]),
     }
@@ -83,7 +114,7 @@ def run(runs: int = 5) -> str:
     torch.manual_seed(0)
     weights = [torch.randn(s) * 0.05 for s in shapes]
     n = sum(w.numel() for w in weights)
-    stored = {"fp32": 4 * n, "int8": n, "4-bit": n // 2}
+    stored = {"fp32": 4 * n, "fp16": 2 * n, "int8": n, "4-bit": n // 2}
     products, compile_s = candidates(weights)
     check = torch.randn(1, c.dim)
     rows, base = [], None
