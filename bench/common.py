@@ -143,13 +143,21 @@ def section(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -
     return "\n".join(lines) + "\n"
 
 
+def sections(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]],
+             tables: Sequence[dict[str, Any]] = ()) -> str:
+    """A result's Markdown: its table, then the further tables (each a dict with a title, headers and rows)."""
+    return "\n".join(section(t["title"], t["headers"], t["rows"])
+                     for t in [{"title": title, "headers": headers, "rows": rows}, *tables])
+
+
 def report(name: str, title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]],
-           extra: dict[str, Any] | None = None) -> str:
-    """Print a Markdown table and write bench/results/<name>.json; returns the Markdown."""
+           extra: dict[str, Any] | None = None, tables: Sequence[dict[str, Any]] = ()) -> str:
+    """Print a Markdown table (and the further `tables`, each a title, headers and rows) and write
+    bench/results/<name>.json; returns the Markdown."""
     RESULTS.mkdir(exist_ok=True)
-    markdown = section(title, headers, rows)
+    markdown = sections(title, headers, rows, tables)
     payload = {"title": title, "machine": machine(), "headers": list(headers), "rows": [list(r) for r in rows],
-               **(extra or {})}
+               **(extra or {}), **({"tables": list(tables)} if tables else {})}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
     print(markdown, flush=True)
     return markdown
@@ -161,4 +169,5 @@ def markdown_of(name: str) -> str | None:
     if not path.exists():
         return None
     r = json.loads(path.read_text())
-    return f"{section(r['title'], r['headers'], r['rows'])}\n({r['machine']['cpu']}, {r['machine']['date']})\n"
+    markdown = sections(r["title"], r["headers"], r["rows"], r.get("tables", []))
+    return f"{markdown}\n({r['machine']['cpu']}, {r['machine']['date']})\n"

@@ -8,7 +8,12 @@ the K/V of earlier turns reused (`--max-batch 8`, the app's defaults). All get t
 (random weights over ViT-B-32, so images cost a real tower pass). Reported per server: requests answered /
 refused / failed, p50 and p95 latency, aggregate generated tokens/s with 1 user and with N users, the
 server's peak RSS above its RSS after warm-up (VmHWM), and the time to the first streamed text: turn 1 and
-turn N of the one user's chat, and its median over the N users' requests.
+turn N of the one user's chat, and its median over the N users' requests. For the batching servers, the
+engine's profile of each load (fetched from the app's `engine_profile` endpoint before and after it;
+mmadapter/batch_profile.py) goes into the result file under "profile", with a table of where the time went:
+the engine's wall time split into idle, tower, admission, prefill, decoding steps and handing tokens out,
+the mean step by rows decoding, and per request the mean seconds queued, in the tower, prefilling, held while
+others' prompts were prefilled, decoding (its share of the steps) and to the first token (in the engine).
 
 Timings on a shared machine are noisy: compare the servers of one run, not runs.
 `python -m bench.serving [--users 8] [--turns 3] [--max-new-tokens 48]`; a quick check that it runs end to
@@ -28,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from .common import report, section
+from .common import report, sections
 
 SERVERS = {  # name in --servers: (row label, app options)
     "one": ("one at a time", ["--max-batch", "0"]),
@@ -68,6 +73,33 @@ def start_server(adapters: Path, options: list[str]) -> tuple[subprocess.Popen, 
         if "running at" in line:
             return server, line.split("running at ")[1].split()[0]
     raise RuntimeError(f"the app did not start (exit code {server.wait()})")
+
+
+def engine_profile(url: str) -> dict:
+    """The server's batch engine profile so far (`BatchEngine.stats`); {} when it decodes one request at a time."""
+    import gradio_client
+
+    return gradio_client.Client(url, verbose=False, download_files=False).predict(api_name="/engine_profile")
+
+
+BREAKDOWN = ["server", "load", "engine wall s", "idle", "tower", "admission", "prefill", "decode steps",
+             "token hand-out", "other", "steps", "rows per step (computed)", "ms per step, by rows decoding",
+             "queued s", "tower s", "prefill s", "held for others' prefill s", "decode s (share)",
+             "first token s (engine)", "prompt tokens prefilled / reused"]
+
+
+def breakdown_row(label: str, load: str, profile: dict) -> list:
+    """One row of the breakdown table: a load's profile (`batch_profile.difference` of two snapshots)."""
+    from mmadapter.batch_profile import summary
+
+    f = summary(profile)
+    by_rows = ", ".join(f"{n}: {1000 * b['seconds'] / b['steps']:.0f}" for n, b in profile["by_rows"].items())
+    return [label, load, round(f["wall s"], 1), *(f"{f[k + ' %']:.0f}%" for k in
+                                                   ("idle", "tower", "admit", "prefill", "step", "emit", "other")),
+            f["steps"], f"{f['rows per step']:.1f} ({f['rows computed per step']:.1f})", by_rows,
+            *(round(f[f"mean {k}"], 3) for k in ("queued_s", "tower_s", "prefill_s", "waiting_prefill_s")),
+            f"{f['mean decode_s']:.2f} ({f['mean decode_share_s']:.2f})", round(f["mean first_token_s"], 3),
+            f"{f['prefilled tokens']} / {f['reused tokens']}"]
 
 
 def rss_mib(pid: int, key: str) -> float:
@@ -158,7 +190,9 @@ def run(users: int = 8, turns: int = 3, max_new_tokens: int = 48, servers: tuple
     def count_tokens(text: str) -> int:
         return len(tokenizer.encode(text, bos=False))
 
-    rows, figures = [], {}
+    from mmadapter.batch_profile import difference
+
+    rows, figures, profiles, breakdown = [], {}, {}, []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         make_adapter(folder)
@@ -171,13 +205,20 @@ def run(users: int = 8, turns: int = 3, max_new_tokens: int = 48, servers: tuple
             try:
                 run_users(url, 2, 1, 8, picture, count_tokens, offset=3)  # warm-up: text and image paths
                 baseline = rss_mib(server.pid, "VmRSS:")
+                snapshots = [engine_profile(url)]
                 one = run_users(url, 1, turns, max_new_tokens, alone_picture, count_tokens)
+                snapshots.append(engine_profile(url))
                 many = run_users(url, users, turns, max_new_tokens, picture, count_tokens)
+                snapshots.append(engine_profile(url))
                 peak = rss_mib(server.pid, "VmHWM:")
             finally:
                 server.terminate()
                 server.wait()
             figures[label] = many
+            if snapshots[0]:  # a batch engine: what each load cost it
+                loads = {"1 user": difference(*snapshots[:2]), f"{users} users": difference(*snapshots[1:])}
+                profiles[label] = {**loads, "reuse": snapshots[-1]["reuse"]}
+                breakdown += [breakdown_row(label, load, p) for load, p in loads.items()]
             for failure in many["failures"]:
                 print(f"{label}: a request failed: {failure!r}")
             first, last = one["first_token"][0], one["first_token"][turns - 1]
@@ -193,17 +234,19 @@ def run(users: int = 8, turns: int = 3, max_new_tokens: int = 48, servers: tuple
             rows.append([f"{'batched' if name == 'batched' else 'batched + reuse'} / one at a time", "",
                          f"{other['p50'] / single['p50']:.2f}x", f"{other['p95'] / single['p95']:.2f}x", "",
                          f"{other['tokens_per_s'] / single['tokens_per_s']:.2f}x"] + [""] * 9)
-    title = (f"The app under load: {users} gradio_client users, {turns}-turn chats, half with an image, "
-             f"max_new_tokens {max_new_tokens}")
+    load = f"{users} gradio_client users, {turns}-turn chats, half with an image, max_new_tokens {max_new_tokens}"
+    title = f"The app under load: {load}"
     headers = ["server", f"{users} users: answered/refused/errors", "p50 s", "p95 s", "tokens/s, 1 user",
                f"tokens/s, {users} users", f"{users} vs 1 user", "RSS after warm-up MiB", "peak RSS above it MiB",
                "p95 s, 1 user", f"p95 {users} users vs 1", "first token s, turn 1 (1 user)",
                f"first token s, turn {turns} (1 user)", f"turn {turns} vs turn 1", f"first token p50 s, {users} users"]
+    tables = [{"title": f"Where the batch engine's time went ({load}; per request: means)", "headers": BREAKDOWN,
+               "rows": breakdown}] if breakdown else []
     if not write:
-        markdown = section(title, headers, rows)
+        markdown = sections(title, headers, rows, tables)
         print(markdown, flush=True)
         return markdown
-    return report("serving", title, headers, rows)
+    return report("serving", title, headers, rows, extra={"profile": profiles}, tables=tables)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,12 @@ settings, random generator and stop conditions, so a request gets the tokens it 
 
 All rows decode at one shared cache slot (the cursor). A row's prompt sits at slots [0, n) and its
 generated tokens at the cursor's slots, so the slots between are masked out; RoPE positions count a
-row's real tokens only (the key mask), which makes the gap invisible. When the cache would overflow,
-the rows are compacted (their real slots moved to the front, positions unchanged). Rows whose
+row's real tokens only (the key mask), which makes the gap invisible. Every step attends the slots up
+to the cursor, so when the cache would overflow, or the cursor has run COMPACT_GAP slots past the longest
+row's tokens (the rows that pushed it there have left), the rows are compacted (their real slots moved to
+the front, positions unchanged). A step runs over the cache rows up to the highest decoding one: rows freed
+above it cost nothing (free rows below it decode padding). `stats()` says where the time went
+(batch_profile.py: queueing, tower, prefill, decoding steps, per request and in all). Rows whose
 adapters cover different layers share a batch (absent layers get a zero gate), and so do adapters with
 different projectors and V2 bias/LoRA tuning (each row's terms come with it: tuning.RowTuning, fused for
 the whole batch when every row has the same) as long as they have the same number of prompts; an adapter
@@ -28,6 +32,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .batch_profile import EngineProfile, RequestTimes
 from .decode_step import DecodeStep
 from .generate import Sampling, decode_one_token, sample, text_pieces
 from .llama import AdapterKV, KVCache
@@ -49,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SLOT_CHUNK = 256  # the cache grows (and is compacted) in steps of this many slots
+COMPACT_GAP = 64  # compacted once the steps attend this many slots past the longest row's own tokens
 _END = object()
 
 
@@ -69,6 +76,7 @@ class _Request:
     prefilled: int = 0  # prompt tokens whose K/V are in the row (copied from the reuse cache or computed)
     decoding: bool = False  # the prompt is in: the row takes part in the batch's steps
     context: Context | None = None  # what its K/V depend on besides the tokens (None: not reusable)
+    times: RequestTimes = field(default_factory=lambda: RequestTimes(time.perf_counter(), 0, False))
 
     @property
     def n_prompts(self) -> int | None:
@@ -101,6 +109,9 @@ class BatchEngine:
         self._batch_kv: AdapterKV | None = None
         self._decode_step = DecodeStep(self.base)  # one for the engine: the base never changes, rows bring the rest
         self._kv_stale = True
+        self._step_rows = 0  # the cache rows a step runs over: up to the highest decoding row (the rest wait)
+        self._step_caches: list[KVCache] = []  # views of those rows
+        self.profile = EngineProfile()  # where the time goes (batch_profile.py); `stats()` reads it
         self.peak_rows = 0  # most requests decoded together so far (for tests and benchmarks)
         self.steps = 0
         self.events: list[tuple[str, int]] | None = None  # set to [] to record ("chunk"/"step", row) in order
@@ -122,7 +133,8 @@ class BatchEngine:
         if len(ids) + sampling.max_new_tokens > self.capacity:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceed the "
                              f"context of {self.capacity}; truncate the prompt or ask for fewer tokens")
-        request = _Request(ids, image, adapter, sampling)
+        request = _Request(ids, image, adapter, sampling,
+                           times=RequestTimes(time.perf_counter(), len(ids), image is not None))
         if sampling.seed is not None:
             request.generator = torch.Generator(device=self.base.tok_embeddings.weight.device)
             request.generator.manual_seed(sampling.seed)
@@ -144,6 +156,12 @@ class BatchEngine:
         finally:
             tokens.close()  # stopped early: the request leaves the batch
 
+    def stats(self) -> dict[str, Any]:
+        """The profile so far (`EngineProfile.snapshot`), with the reuse cache's counters when it has one."""
+        stats = self.profile.snapshot()
+        stats["reuse"] = self.reuse.stats() if self.reuse is not None else None
+        return stats
+
     @staticmethod
     def _tokens(request: _Request) -> Iterator[int]:
         try:
@@ -163,8 +181,11 @@ class BatchEngine:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._pending and not self._held():
-                    self._wake.wait()
+                if not self._pending and not self._held():
+                    start = time.perf_counter()
+                    while not self._pending and not self._held():
+                        self._wake.wait()
+                    self.profile.idle(time.perf_counter() - start)
                 arrivals = self._admissible()
             for request in arrivals:
                 self._admit(request)
@@ -186,6 +207,10 @@ class BatchEngine:
     def _held(self) -> list[_Request]:
         """Every row in use: decoding, or still being prefilled."""
         return [r for r in self._rows if r is not None]
+
+    def _others(self, request: _Request) -> list[RequestTimes]:
+        """The times of the requests holding a row besides this one (they wait while it is worked on)."""
+        return [r.times for r in self._rows if r is not None and r is not request]
 
     def _admissible(self) -> list[_Request]:
         """Pending requests that fit now (free rows, same prompt count, enough slots), in arrival order."""
@@ -217,13 +242,15 @@ class BatchEngine:
 
     def _admit(self, request: _Request) -> None:
         """Give the request a free row, with the K/V of its longest reusable prefix; `_prefill_chunk` does the rest."""
+        start, tower_s, others = time.perf_counter(), 0.0, [r.times for r in self._held()]
         try:
             with torch.inference_mode():
                 features, has_image = self.model.image_features([request.image], request.adapter)
+                tower_s = time.perf_counter() - start if request.image is not None else 0.0
                 request.kv = self.model.adapter_kv(features, has_image, request.adapter)
                 n = len(request.ids)
                 if request.sampling.max_new_tokens == 0:
-                    request.out.put(_END)
+                    self._ended_at_admission(request, start, tower_s, others, _END)
                     return
                 rows = self._held() + [request]
                 if max(self._cursor, n) + _remaining(rows) > self.capacity:
@@ -240,8 +267,9 @@ class BatchEngine:
                         self._storage[:, :, row, :, :m] = kv
                         request.prefilled = m
         except Exception as e:  # noqa: BLE001 - a bad request (image, settings) fails alone
-            request.out.put(e)
+            self._ended_at_admission(request, start, tower_s, others, e)
             return
+        self.profile.admitted(request.times, start, tower_s, request.prefilled, others)
         request.row = row
         if row == len(self._rows):
             self._rows.append(request)
@@ -249,12 +277,20 @@ class BatchEngine:
             self._rows[row] = request
         self._prefilling.append(request)
 
+    def _ended_at_admission(self, request: _Request, start: float, tower_s: float, others: list[RequestTimes],
+                            last: Any) -> None:
+        """A request that ends before taking a row (asked for no tokens, or failed): recorded, then told."""
+        self.profile.admitted(request.times, start, tower_s, 0, others)
+        self.profile.finish(request.times, 0, "done" if last is _END else "failed")
+        request.out.put(last)
+
     def _prefill_chunk(self, limit: int) -> int:
         """Prefill up to `limit` (0: all) more tokens of the oldest waiting prompt; returns how many. Its last
         chunk makes the row decode."""
         request = self._prefilling[0]
         n, start = len(request.ids), request.prefilled
         end = n if limit == 0 else min(n, start + limit)
+        began = time.perf_counter()
         try:
             if request.cancelled.is_set():
                 raise _Cancelled
@@ -268,9 +304,11 @@ class BatchEngine:
                 if self.events is not None:
                     self.events.append(("chunk", row))
                 if end < n:
+                    self.profile.chunk(request.times, began, end - start, self._others(request))
                     return end - start
                 logits = self.base.head(hidden[:, -1])  # [1, V]
                 self._key_mask[row, :n] = True
+                self.profile.chunk(request.times, began, end - start, self._others(request))
         except Exception as e:  # noqa: BLE001 - this request fails alone (or was abandoned); the batch goes on
             self._prefilling.popleft()
             self._finish(request, _END if isinstance(e, _Cancelled) else e)
@@ -285,22 +323,34 @@ class BatchEngine:
     def _step(self) -> None:
         """One token for every active row, at the shared cursor slot."""
         with torch.inference_mode():
+            if self._cursor - max(len(r.ids) + r.generated for r in self._held()) >= COMPACT_GAP:
+                self._compact()  # the rows that made the cursor run ahead have left: stop attending their gap
+            start, active = time.perf_counter(), self._active()
             if self._kv_stale:
-                self._batch_kv, self._kv_stale = self._build_batch_kv(), False
-            rows = self._storage.shape[2]  # every cache row takes part; free ones decode padding
-            device = self._storage.device
-            tokens = torch.zeros(rows, dtype=torch.long, device=device)
-            for request in self._active():
+                self._prepare_step(active)
+            rows = self._step_rows  # rows up to the highest active one take part; free ones among them decode padding
+            tokens = torch.zeros(rows, dtype=torch.long, device=self._storage.device)
+            for request in active:
                 tokens[request.row] = request.next_token
                 self._key_mask[request.row, self._cursor] = True
-            logits = decode_one_token(self.base, tokens, self._cursor, self._caches, self._key_mask,
-                                      self._batch_kv, self._decode_step)  # [R, V]
+            logits = decode_one_token(self.base, tokens, self._cursor, self._step_caches, self._key_mask[:rows],
+                                      self._batch_kv, self._decode_step)  # [rows, V]
+        self.profile.step(start, [r.times for r in active], rows, self._cursor + 1,
+                          sum(len(r.ids) + r.generated for r in active))
         self._cursor += 1
         self.steps += 1
         if self.events is not None:
-            self.events += [("step", r.row) for r in self._active()]
-        for request in self._active():
+            self.events += [("step", r.row) for r in active]
+        start = time.perf_counter()
+        for request in active:
             self._emit(request, logits[request.row])
+        self.profile.emitted(start)
+
+    def _prepare_step(self, active: list[_Request]) -> None:
+        """What the steps use until the batch changes: the rows they run over and the batch's prompt K/V."""
+        self._step_rows = max(r.row for r in active) + 1
+        self._step_caches = [KVCache(c.k[:self._step_rows], c.v[:self._step_rows]) for c in self._caches]
+        self._batch_kv, self._kv_stale = self._build_batch_kv(self._step_rows), False
 
     def _emit(self, request: _Request, logits: Tensor) -> None:
         """Sample the request's next token from its logits [V] and hand it over; free the row when done."""
@@ -309,6 +359,8 @@ class BatchEngine:
         request.generated += 1
         request.next_token = token
         request.emitted.append(token)
+        if request.generated == 1:
+            self.profile.first_token(request.times)
         request.out.put(token)
         eos = token in self.model.tokenizer.eos_ids if self.model.tokenizer is not None else False
         if eos or request.generated >= request.sampling.max_new_tokens or request.cancelled.is_set():
@@ -317,12 +369,15 @@ class BatchEngine:
     def _finish(self, request: _Request, last: Any) -> None:
         if last is _END and request.decoding and request.context is not None:
             self._keep(request)
+        outcome = "failed" if last is not _END else "cancelled" if request.cancelled.is_set() else "done"
+        self.profile.finish(request.times, request.generated, outcome)
         request.out.put(last)
         if 0 <= request.row < len(self._rows) and self._rows[request.row] is request:
             self._rows[request.row] = None
             self._kv_stale = True
         if not self._held():  # drained: give the cache's memory back
             self._rows, self._storage, self._caches, self._key_mask, self._cursor = [], None, [], None, 0
+            self._step_caches, self._batch_kv = [], None
 
     def _keep(self, request: _Request) -> None:
         """Store the K/V of the request's prompt and of the generated tokens it fed back, for later turns."""
@@ -347,6 +402,8 @@ class BatchEngine:
         new_rows = max(rows, have_rows)
         new_slots = min(max(-(-slots // SLOT_CHUNK) * SLOT_CHUNK, have_slots), self.capacity)
         storage = self.base.new_cache(new_rows, new_slots)
+        self.profile.cache_grew()
+        self._kv_stale = True  # the steps' views are of the old cache
         key_mask = torch.zeros(new_rows, new_slots, dtype=torch.bool, device=storage.device)
         if self._storage is not None:
             storage[:, :, :have_rows, :, :have_slots] = self._storage
@@ -365,13 +422,14 @@ class BatchEngine:
             self._key_mask[request.row, :n] = True
             longest = max(longest, n)
         self._cursor = max([longest] + [len(r.ids) for r in self._prefilling])  # still past held prompts
+        self.profile.compacted()
 
-    def _build_batch_kv(self) -> AdapterKV | None:
-        """Per-row prompt K/V [R, G, K, d], gates [L, R, H] (zero for rows without that layer) and V2 tuning."""
+    def _build_batch_kv(self, rows: int) -> AdapterKV | None:
+        """Per-row prompt K/V [rows, G, K, d], gates [L, rows, H] (zero for rows without that layer) and V2 tuning."""
         with_kv = [r for r in self._active() if r.kv is not None]
         if not with_kv:
             return None
-        rows, c = self._storage.shape[2], self.base.config
+        c = self.base.config
         first = min(r.kv.first_layer for r in with_kv)
         k_like = with_kv[0].kv.kv[0][0]  # [1, G, K, d]
         gates = torch.zeros(c.n_layers - first, rows, c.n_heads, dtype=with_kv[0].kv.gates.dtype,

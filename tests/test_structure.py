@@ -21,7 +21,7 @@ LAYERS = [
                                     "weights", "decode_step", "generate", "compiled_step"]),
     ("the composed model", ["model", "adapter_file"]),
     ("adapter files in and out", ["interop", "interop_v2", "adapter_set", "checkpoint"]),
-    ("workflows", ["train_data", "train_log", "train", "evaluation", "batching", "demo"]),
+    ("workflows", ["train_data", "train_log", "train", "evaluation", "batch_profile", "batching", "demo"]),
     ("entry points", ["app", "commands", "cli", "__main__", ""]),  # "": the package's public API (__init__)
 ]
 

@@ -90,6 +90,11 @@ class ChatService:
         return line + (f"K/V of earlier turns reused ({s['stored_mb']:.1f} of {s['max_mb']:.0f} MiB, "
                        f"{s['reused_tokens']:,} of {s['prompt_tokens']:,} prompt tokens so far)")
 
+    def engine_profile(self) -> dict:
+        """Where the batch engine's time went since it started (`BatchEngine.stats`: seconds and token counts per
+        request and in all, no text); {} when requests decode one at a time."""
+        return self.engine.stats() if self.engine is not None else {}
+
     def answer(self, question: str, image_path: str | None, history: Sequence[tuple[str, str]],
                adapter_name: str = NO_ADAPTER, *, temperature: float = 0.0, top_p: float = 1.0,
                max_new_tokens: int = 256) -> Iterator[Reply]:

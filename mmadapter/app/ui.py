@@ -221,6 +221,8 @@ def build_demo(service: ChatService, upload_grace_s: float = UPLOAD_RELEASE_GRAC
         clear_btn.click(clear, None, [chatbot, box], api_name="clear")
         chatbot.clear(clear, None, [chatbot, box], api_name=False)  # the chatbot's own trash icon
         demo.load(service.status_markdown, None, status, api_name=False)
+        # for load tests (bench/serving.py): timings only, off the queue so that a full queue does not hold it
+        gr.api(service.engine_profile, api_name="engine_profile", api_visibility="undocumented", queue=False)
         demo.unload(end_session)  # page closed or reloaded
     demo.session_uploads = session_uploads  # for tests and the load benchmark
     return demo
