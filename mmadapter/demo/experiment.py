@@ -40,6 +40,7 @@ class Experiment:
     n_prompts: int = 10  # for mlp; spatial/visual-query use the token count
     n_layers: int = 16
     prompt_init_std: float = 1.0  # the prompts' N(0, std) start, against the image tokens added to them
+    position_code: float = 0.0  # spatial: start the position embedding as a 2-D sinusoid of this RMS (0: zeros)
     template: str = "chat-short"
     tower: str = "ShapesCLIP-64:shapes-demo"
     steps: int = 600
@@ -50,6 +51,10 @@ class Experiment:
     projector_lr_scale: float = 1.0
     warmup_steps: int = 50
     train_scenes: int = 2000
+    max_objects: int = 6  # scenes of 1..max_objects objects (1: lone objects, the easiest read)
+    lora_rank: int = 0  # V2 LoRA of this rank, trained on the adapted layers' `lora_on` projections only
+    lora_on: str = "wq"  # comma-separated of wq, wk, wv, wo, w1, w2, w3
+    curriculum_steps: int = 0  # over these first steps, train on scenes of at most 1, 2, ... max_objects objects
     questions_per_kind: int = 3  # per scene and kind
     eval_per_kind: int = 200
     seed: int = 0
@@ -62,7 +67,33 @@ def build_experiment_model(e: Experiment) -> Any:
     from .recipe import demo_model
 
     vision = VisionConfig.from_spec(e.tower, projector=e.projector, spatial_grid=e.spatial_grid)
-    return demo_model(vision, e.n_layers, e.n_prompts, e.template, e.prompt_init_std, e.seed)
+    model = demo_model(vision, e.n_layers, e.n_prompts, e.template, e.prompt_init_std, e.seed, e.lora_rank)
+    if e.lora_rank:  # LoRA only where the adapter is: the layers below stay the base (their cached output holds)
+        tuned = set(e.lora_on.split(","))
+        for i, layer in enumerate(model.adapter.tuning.layers):
+            for name in layer.lora_a:
+                train = i >= model.adapter.first_layer and name in tuned
+                layer.lora_a[name].requires_grad_(train)
+                layer.lora_b[name].requires_grad_(train)
+    if e.position_code:
+        position = model.adapter.projector.position  # [K, C]: the class token, then a g x g grid
+        with torch.no_grad():
+            position.copy_(sinusoid_2d(position.shape[0], position.shape[1], e.position_code))
+    return model
+
+
+def sinusoid_2d(n_tokens: int, dim: int, rms: float) -> torch.Tensor:
+    """[K, C] codes of a class token (zeros) and a g x g grid: sines and cosines of row and column at
+    several frequencies, scaled to the given root-mean-square, so every region's token differs by place."""
+    side = int(round((n_tokens - 1) ** 0.5))
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")  # [g, g]
+    n_freq = dim // 4
+    freq = torch.pi * torch.arange(1, n_freq + 1) / (2 * side)  # [F]
+    parts = [f(c.flatten()[:, None].float() * freq) for c in (rows, cols) for f in (torch.sin, torch.cos)]
+    grid = torch.cat(parts, dim=1)  # [g*g, 4F]
+    code = torch.zeros(n_tokens, dim)
+    code[1:, :grid.shape[1]] = grid
+    return code * rms / code[1:].pow(2).mean().sqrt()
 
 
 @dataclass
@@ -74,16 +105,18 @@ class Questions:
     scene: list[int]  # row of the scene's features
     kind: list[str]
     answer: list[str]
+    objects: list[int] = field(default_factory=list)  # objects in the question's scene
 
 
 def make_questions(model: Any, split: str, n_scenes: int, kinds: tuple[str, ...], per_kind: int,
-                   seed: int) -> tuple[Questions, list[Any]]:
+                   seed: int, max_objects: int = shapes.MAX_OBJECTS) -> tuple[Questions, list[Any]]:
     """Questions of the given kinds about scenes 0..n_scenes-1 of a split, and the scenes' pictures
     (training-style renderings: sizes 64-192, tints, noise, JPEG)."""
     q = Questions([], [], [], [], [])
     images = []
     for index in range(n_scenes):
-        scene = shapes.make_scene(split, index)
+        scene = shapes.make_scene(split, index) if max_objects >= shapes.MAX_OBJECTS else \
+            shapes.sample_scene(shapes.scene_rng(split, index), n_objects=1 + index % max_objects)
         rng = np.random.default_rng([shapes.SPLIT_SEEDS[split], index, seed])
         images.append(shapes.render_varied(scene, rng))
         for qa in shapes.pick_questions(scene, rng, per_kind=per_kind):
@@ -96,6 +129,7 @@ def make_questions(model: Any, split: str, n_scenes: int, kinds: tuple[str, ...]
             q.scene.append(index)
             q.kind.append(qa.kind)
             q.answer.append(qa.answer)
+            q.objects.append(len(scene.objects))
     return q, images
 
 
@@ -153,12 +187,45 @@ def score(model: Any, q: Questions, features: torch.Tensor, candidates: dict[str
     return {kind: 100 * float(np.mean(v)) for kind, v in sorted(hits.items())}
 
 
+class Sampler:
+    """Which training questions each step trains on: epochs of shuffled questions, after a curriculum whose
+    stage s (of max_objects equal stages over the first curriculum_steps steps) draws only questions about
+    scenes of at most s objects, lone objects first."""
+
+    def __init__(self, objects: list[int], batch_size: int, curriculum_steps: int, max_objects: int,
+                 seed: int) -> None:
+        self.objects, self.batch_size, self.seed = np.array(objects), batch_size, seed
+        self.curriculum_steps, self.max_objects = curriculum_steps, max_objects
+        self.rng = np.random.default_rng(seed)
+        self.order, self.cursor = self.rng.permutation(len(objects)), 0
+
+    def allowed_objects(self, step: int) -> int:
+        if step > self.curriculum_steps:
+            return self.max_objects
+        return 1 + (step - 1) * self.max_objects // self.curriculum_steps
+
+    def rows(self, step: int) -> np.ndarray:
+        """Question rows [batch_size] of step 1, 2, ..."""
+        if step <= self.curriculum_steps:
+            pool = np.flatnonzero(self.objects <= self.allowed_objects(step))
+            if not len(pool):
+                raise ValueError(f"the curriculum's stage {self.allowed_objects(step)} has no training questions; "
+                                 "generate more training scenes (--train-scenes)")
+            return self.rng.choice(pool, self.batch_size)
+        if self.cursor + self.batch_size > len(self.order):
+            self.order, self.cursor = self.rng.permutation(len(self.objects)), 0
+        rows = self.order[self.cursor:self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return rows
+
+
 def run(e: Experiment, out: Path, progress: bool = True) -> dict[str, Any]:
     torch.manual_seed(e.seed)
     model = build_experiment_model(e)
-    train_q, train_images = make_questions(model, "train", e.train_scenes, e.kinds, e.questions_per_kind, e.seed)
+    train_q, train_images = make_questions(model, "train", e.train_scenes, e.kinds, e.questions_per_kind, e.seed,
+                                           e.max_objects)
     eval_scenes = max(1, e.eval_per_kind)  # one question per kind per scene at most
-    eval_q, eval_images = make_questions(model, "val", eval_scenes, e.kinds, 1, e.seed + 1)
+    eval_q, eval_images = make_questions(model, "val", eval_scenes, e.kinds, 1, e.seed + 1, e.max_objects)
     candidates: dict[str, list[str]] = {}
     for kind, answer in zip(train_q.kind + eval_q.kind, train_q.answer + eval_q.answer):
         candidates.setdefault(kind, [])
@@ -173,9 +240,9 @@ def run(e: Experiment, out: Path, progress: bool = True) -> dict[str, Any]:
     optimizer = torch.optim.AdamW([{"params": ps, "lr": e.lr * scale[g], "base_lr": e.lr * scale[g],
                                     "weight_decay": 0.0 if g == "gates" else 0.02} for g, ps in groups.items()],
                                   betas=(0.9, 0.95))
-    order = np.random.default_rng(e.seed).permutation(len(train_q.tokens))
+    sampler = Sampler(train_q.objects, e.batch_size, e.curriculum_steps, e.max_objects, e.seed)
     points: list[dict[str, Any]] = []
-    t0, losses, cursor = time.time(), [], 0
+    t0, losses = time.time(), []
 
     def record(step: int) -> None:
         accuracy = score(model, eval_q, eval_features, candidates)
@@ -190,10 +257,7 @@ def run(e: Experiment, out: Path, progress: bool = True) -> dict[str, Any]:
 
     record(0)
     for step in tqdm(range(1, e.steps + 1), desc="steps", disable=not progress):
-        if cursor + e.batch_size > len(order):
-            order, cursor = np.random.default_rng(e.seed + step).permutation(len(train_q.tokens)), 0
-        rows = order[cursor:cursor + e.batch_size]
-        cursor += e.batch_size
+        rows = sampler.rows(step)
         sequences = [train_q.tokens[i] for i in rows]
         tokens = padded(sequences)
         labels = torch.full_like(tokens, -100)
@@ -210,6 +274,9 @@ def run(e: Experiment, out: Path, progress: bool = True) -> dict[str, Any]:
         losses.append(float(loss.detach()))
         if step % e.every == 0 or step == e.steps:
             record(step)
+    from ..plot import plot_accuracy_curves
+
+    plot_accuracy_curves(points, out / "curve.png", f"{', '.join(e.kinds)}: held-out accuracy")
     return json.loads((out / "curve.json").read_text(encoding="utf-8"))
 
 

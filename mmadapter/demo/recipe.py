@@ -10,7 +10,7 @@ if TYPE_CHECKING:
 
 
 def demo_model(vision: VisionConfig, n_layers: int, n_prompts: int, template: str, prompt_init_std: float = 1.0,
-               seed: int = 0) -> MMAdapter:
+               seed: int = 0, lora_rank: int = 0) -> MMAdapter:
     """Base + tower + a fresh adapter; with spatial tokens the prompt count is the tower's token count
     (n_prompts is used by the other projectors)."""
     from ..config import AdapterConfig
@@ -21,7 +21,8 @@ def demo_model(vision: VisionConfig, n_layers: int, n_prompts: int, template: st
     tower = model.attach_vision(vision)
     if vision.projector == "spatial":
         n_prompts = spatial_token_count(tower.config, tower.feature_dim)[0]
-    model.add_adapter(AdapterConfig(n_prompts=n_prompts, n_layers=n_layers, prompt_init_std=prompt_init_std),
+    model.add_adapter(AdapterConfig(n_prompts=n_prompts, n_layers=n_layers, prompt_init_std=prompt_init_std,
+                                    lora_rank=lora_rank),
                       seed=seed)
     model.adapter.template = template
     return model
