@@ -58,3 +58,15 @@ def test_lora_trains_only_the_chosen_projections_of_the_adapted_layers():
                for name, a in layer.lora_a.items() if a.requires_grad and layer.lora_b[name].requires_grad}
     assert trained == {(i, name) for i in (first, first + 1) for name in ("wq", "wv")}
     assert model.adapter.projector.position.detach().abs().sum() == 0  # no position code unless asked for
+
+
+def test_query_spread_sees_the_colour_only_where_it_has_reached():
+    from mmadapter.demo.query_spread import format_spread, query_spread
+    from mmadapter.model import load_base
+
+    result = query_spread(load_base("smollm2-135m-instruct"))
+    first = result["layers"][0]
+    assert result["colour_position"] < result["answer_position"]
+    assert first["at_answer"] == 0 < first["at_colour"]  # layer 0 sees only the token itself at each position
+    assert all(r["at_answer"] > 0 for r in result["layers"][1:])  # attention carries the colour onwards
+    assert "| at the colour word |" in format_spread(result)
