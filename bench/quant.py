@@ -1,4 +1,4 @@
-"""The weight-only quantised base (int8, 4-bit) against fp32, and llama.cpp on the same GGUF.
+"""The weight-only quantised base (int8, 4-bit, fp16 weights) against fp32, and llama.cpp on the same GGUF.
 
 Decoding: greedy, a 32-token prompt -> 64 new tokens, batch 1, base and adapter (K=10, L=30), tokens/s over
 the whole request, with each dtype's share of its bandwidth bound (`quant.bytes_per_token` ÷ measured read
@@ -23,7 +23,7 @@ from .bandwidth import read_bandwidth
 from .common import BASE, median_seconds, ours, peak_in_subprocess, print_peak, report, setup_threads
 from .decode import NEW, PROMPT, ours_fn, prompts
 
-DTYPES = {"fp32": torch.float32, "int8": "int8", "int4": "int4"}
+DTYPES = {"fp32": torch.float32, "int8": "int8", "int4": "int4", "fp16w": "fp16w"}
 QUESTIONS = [f"{verb} {topic}." for verb in ("Explain", "Describe", "Give three facts about", "Write a sentence about",
                                              "What is the history of")
              for topic in ("the moon", "photosynthesis", "the French revolution", "prime numbers", "volcanoes",
@@ -118,7 +118,7 @@ def run(runs: int = 5) -> str:
         if name != "fp32":
             rows.append([f"{name}: max |Δlogit| vs fp32; same first 16 greedy tokens", f"{dlogit:.3f}",
                          f"{same}/50", ""])
-    for name in ("int8", "int4"):
+    for name in ("int8", "int4", "fp16w"):
         rows.append([f"{name}: median relative weight error vs the fp32 base", f"{weight_error(models['fp32'], models[name]):.4f}",
                      "", ""])
     times = {}

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 class Linear(nn.Linear):
     """A bias-free frozen projection whose one-token product uses every core (`matvec_or_matmul`).
 
-    quant.py has int8 / 4-bit drop-ins with the same interface (forward, `dense_weight`)."""
+    quant.py has int8 / 4-bit / fp16-weight drop-ins with the same interface (forward, `dense_weight`)."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
@@ -76,7 +76,7 @@ def fused_weight(owner: nn.Module, names: tuple[str, ...]) -> Tensor | None:
 
 
 class Embedding(nn.Embedding):
-    """The token embedding; with tied weights also the LM head (`project`). quant.Int8Embedding is its drop-in."""
+    """The token embedding; with tied weights also the LM head (`project`). quant.QuantEmbedding is its drop-in."""
 
     def project(self, h: Tensor) -> Tensor:
         """Logits [..., vocab] from final-normed hidden states [..., C]."""

@@ -1,4 +1,4 @@
-"""Weight-only quantised frozen linears: int8 per output channel and 4-bit group-wise.
+"""Weight-only quantised frozen linears: int8 per output channel, 4-bit group-wise, and fp16 weights.
 
 The frozen base's projections can be stored as int8 (one scale per output row) or 4-bit (groups of 32
 inputs, a scale and a zero each) and multiplied by PyTorch's own weight-only CPU kernels
@@ -6,6 +6,11 @@ inputs, a scale and a zero each) and multiplied by PyTorch's own weight-only CPU
 activations (measured on AVX2 and AVX-512 CPUs: fp32 activations run 5-20x slower than fp32 `F.linear`),
 so a few rows (decoding, short prompts) go through them in bf16, while many rows (prefill of long
 prompts, training) dequantise one slice of rows at a time and use an ordinary fp32 matmul.
+
+On CPUs without native bf16 (AVX2) those kernels convert activations in software and gain little over fp32,
+so a third scheme, "fp16w", stores the weights in fp16 and multiplies fp32 activations with fbgemm's
+fp16-weight linear, which converts the weights on the fly (F16C): half the bytes read per token, and only
+fp16 rounding of the weights. It is named fp16w, not fp16, because dtype float16 means fp16 compute.
 
 The 4-bit kernel's packed layout is private to PyTorch and differs between CPU capabilities, so codes
 are read back through a layout learnt by round trip in this process (int4_layout.py), and every
@@ -32,7 +37,7 @@ from .int4_layout import cpu_capability, layout_for, pack
 
 log = logging.getLogger(__name__)
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "fp16w")
 GROUP_SIZE = 32  # inputs per 4-bit group: GGUF's Q4_0 / Q4_1 block, so those load without requantising
 KERNEL_MAX_ROWS = 64  # above this many rows a dequantised fp32 matmul is faster than the bf16 kernels
 KERNEL_CHECK_TOLERANCE = 0.01  # kernel vs dequantised weight, relative: bf16 activations and output cost ~0.3%
@@ -40,10 +45,18 @@ ROW_CHUNK = 2048  # output rows dequantised at a time on the many-rows path and 
 _INT4_ROWS = 32  # 4-bit weights need a multiple of 32 output rows (whole kernel blocks on every CPU we checked)
 
 
-def kernels_available(device: torch.device) -> bool:
-    """True where PyTorch's weight-only int8/int4 kernels exist for this device (CPU builds)."""
+def kernels_available(device: torch.device, scheme: str = "int8") -> bool:
+    """True where `scheme` can be used on this device: PyTorch's weight-only int8/int4 kernels (CPU builds); fp16w
+    on any CPU (fbgemm's kernel where PyTorch has it, otherwise the converted weight, see `fbgemm_available`)."""
+    if scheme == "fp16w":
+        return device.type == "cpu"
     ops = torch.ops.aten
     return device.type == "cpu" and hasattr(ops, "_weight_int8pack_mm") and hasattr(ops, "_weight_int4pack_mm_for_cpu")
+
+
+def fbgemm_available(device: torch.device) -> bool:
+    """True where fbgemm's fp16-weight linear runs: CPU builds of PyTorch with the fbgemm engine (x86)."""
+    return device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | str:
@@ -55,11 +68,14 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in SCHEMES:
-        if kernels_available(device):
-            return dtype
-        log.warning("%s weights need PyTorch's weight-only CPU kernels, not available on %s: using %s instead",
-                    dtype, device, str(default).removeprefix("torch."))
-        return default
+        if not kernels_available(device, dtype):
+            log.warning("%s weights need PyTorch's weight-only CPU kernels, not available on %s: using %s instead",
+                        dtype, device, str(default).removeprefix("torch."))
+            return default
+        if dtype == "fp16w" and not fbgemm_available(device):
+            log.warning("fp16w: this PyTorch has no fbgemm engine, so every product converts the fp16 weight first "
+                        "(same results, no faster than float32)")
+        return dtype
     named = getattr(torch, str(dtype), None)
     if isinstance(named, torch.dtype) and named.is_floating_point:
         return named
@@ -96,6 +112,8 @@ class QuantLinear(nn.Module):
 
     in_features: int
     out_features: int
+    kernel_dtype: torch.dtype = torch.bfloat16  # the activations `kernel` takes (its output is in the same dtype)
+    STORED: str  # the buffer holding the weight's stored form (what an embedding's `weight` shows)
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
@@ -106,7 +124,7 @@ class QuantLinear(nn.Module):
         """x [..., in] -> [..., out] in x's dtype."""
         rows = x.numel() // self.in_features
         if rows <= KERNEL_MAX_ROWS:
-            y = self.kernel(x.reshape(rows, self.in_features).to(torch.bfloat16))  # [rows, out] bf16
+            y = self.kernel(x.reshape(rows, self.in_features).to(self.kernel_dtype))  # [rows, out]
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         parts = [F.linear(x, self.dequantize(s, min(s + ROW_CHUNK, self.out_features), x.dtype))
                  for s in range(0, self.out_features, ROW_CHUNK)]
@@ -122,7 +140,7 @@ class QuantLinear(nn.Module):
     def check_kernel(self) -> None:
         """Refuse a kernel that disagrees with the dequantised weight (rather than decode wrong text): its
         product on a random input must match F.linear with dense_weight() to 1% (relative norm)."""
-        x = torch.randn(3, self.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        x = torch.randn(3, self.in_features, generator=torch.Generator().manual_seed(0)).to(self.kernel_dtype)
         ref = F.linear(x.float(), self.dense_weight())  # [3, out]
         err = float((self.kernel(x).float() - ref).norm() / ref.norm().clamp(min=1e-12))
         if not err <= KERNEL_CHECK_TOLERANCE:
@@ -141,6 +159,8 @@ class QuantLinear(nn.Module):
 class Int8Linear(QuantLinear):
     """W ≈ codes * scale, int8 codes [out, in] and one scale per output row (symmetric, absmax / 127)."""
 
+    STORED = "weight_int8"
+
     def __init__(self, codes: Tensor, scales: Tensor) -> None:
         super().__init__()
         self.out_features, self.in_features = codes.shape
@@ -157,12 +177,18 @@ class Int8Linear(QuantLinear):
     def dequantize(self, start: int, end: int, dtype: torch.dtype) -> Tensor:
         return self.weight_int8[start:end].to(dtype) * self.weight_scale[start:end, None].to(dtype)
 
+    def rows(self, index: Tensor, dtype: torch.dtype) -> Tensor:
+        """The dequantised rows [*index.shape, in] picked by `index` (an embedding lookup)."""
+        return self.weight_int8[index].to(dtype) * self.weight_scale[index, None].to(dtype)
+
 
 class Int4Linear(QuantLinear):
     """W ≈ (q - 8) * scale + zero per group of 32 inputs, q in 0..15, packed in the CPU kernel's layout.
 
     That layout is private to PyTorch and differs between CPU capabilities, so reading codes back goes
     through the layout learnt for this process (int4_layout.py), never an assumed one."""
+
+    STORED = "weight_int4"
 
     def __init__(self, codes: Tensor, scales: Tensor, zeros: Tensor) -> None:
         """codes [out, in] (0..15, any integer dtype); scales, zeros [out, in / GROUP_SIZE]."""
@@ -196,21 +222,80 @@ class Int4Linear(QuantLinear):
         return weight.view(end - start, self.in_features)
 
 
-class Int8Embedding(nn.Module):
-    """The token embedding as int8 rows with one scale each; also the tied LM head (`project`)."""
+class Fp16Linear(QuantLinear):
+    """W rounded to fp16 [out, in]; few rows go through fbgemm's fp16-weight linear with fp32 activations.
 
-    def __init__(self, codes: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> None:
+    fbgemm multiplies from its own packed copy of the weight, built from `weight_fp16` on first use and again
+    whenever that buffer is replaced (`.to()`) or loaded (`load_state_dict`); it is never saved. A process
+    that has decoded therefore holds both, 4 bytes per weight like fp32: what halves is the bytes each
+    decoded token reads. Without fbgemm (non-x86 builds, other devices) the few-rows path multiplies by the
+    weight converted to fp32, which gives the same result."""
+
+    kernel_dtype = torch.float32
+    STORED = "weight_fp16"
+
+    def __init__(self, weight: Tensor) -> None:
+        """weight [out, in], any float dtype; refused when a value does not fit fp16's range."""
         super().__init__()
-        self.head = Int8Linear(codes, scales)
+        self.out_features, self.in_features = weight.shape
+        largest = float(weight.detach().abs().max()) if weight.numel() else 0.0
+        if not largest <= torch.finfo(torch.float16).max:
+            raise ValueError(f"a {tuple(weight.shape)} weight holds {largest:.3g}, beyond fp16's range (65504): "
+                             "load this base with dtype float32, bfloat16 or int8 instead of fp16w")
+        self.register_buffer("weight_fp16", weight.detach().to(torch.float16).contiguous())  # [out, in]
+        self._packed: tuple[Tensor, Any] | None = None  # (the weight_fp16 it was built from, fbgemm's packed weight)
+        self.register_load_state_dict_post_hook(_forget_packed)  # loading writes weight_fp16 in place
+
+    @classmethod
+    def from_float(cls, weight: Tensor) -> Fp16Linear:
+        return cls(weight)
+
+    def kernel(self, x: Tensor) -> Tensor:
+        """x [rows, in] fp32 -> [rows, out] fp32."""
+        packed = self._fbgemm_weight()
+        if packed is None:
+            return F.linear(x, self.dequantize(0, self.out_features, x.dtype))
+        return torch.ops.quantized.linear_dynamic_fp16(x, packed)
+
+    def _fbgemm_weight(self) -> Any:
+        """fbgemm's packed weight for the current `weight_fp16`, or None where fbgemm cannot run."""
+        weight, packed = self.weight_fp16, self._packed  # read once: threads decoding at once may both pack
+        if packed is not None and packed[0] is weight:  # the common case, checked first: every step comes here
+            return packed[1]
+        if not fbgemm_available(weight.device):
+            self._packed = None
+            return None
+        packed = (weight, torch.ops.quantized.linear_prepack_fp16(weight.float(), None))  # first use, or replaced
+        self._packed = packed
+        return packed[1]
+
+    def dequantize(self, start: int, end: int, dtype: torch.dtype) -> Tensor:
+        return self.weight_fp16[start:end].to(dtype)
+
+    def rows(self, index: Tensor, dtype: torch.dtype) -> Tensor:
+        """The rows [*index.shape, in] picked by `index` (an embedding lookup)."""
+        return self.weight_fp16[index].to(dtype)
+
+
+def _forget_packed(module: Fp16Linear, _keys: Any) -> None:
+    module._packed = None
+
+
+class QuantEmbedding(nn.Module):
+    """The token embedding as the rows of a frozen int8 or fp16 linear, which is also the tied LM head (`project`)."""
+
+    def __init__(self, head: Int8Linear | Fp16Linear, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.head = head
         self.dtype = dtype
 
     @property
     def weight(self) -> Tensor:
-        """The int8 codes [vocab, C] (their device is the model's device)."""
-        return self.head.weight_int8
+        """The stored rows [vocab, C], int8 codes or fp16 (their device is the model's device)."""
+        return getattr(self.head, self.head.STORED)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return self.head.weight_int8[tokens].to(self.dtype) * self.head.weight_scale[tokens, None].to(self.dtype)
+        return self.head.rows(tokens, self.dtype)
 
     def project(self, h: Tensor) -> Tensor:
         """Logits [..., vocab] from hidden states [..., C]."""
@@ -252,6 +337,8 @@ def quantize_linear(source: Tensor | Any, scheme: str) -> nn.Module:
     GGUF Q4_0 / Q4_1 blocks become int4 without passing through fp32; a shape the 4-bit kernel cannot
     take (out not a multiple of 32, in not of 32) is stored as int8 instead.
     """
+    if scheme == "fp16w":
+        return Fp16Linear.from_float(_dense(source))
     shape = tuple(source.shape)
     if scheme == "int4" and Int4Linear.supports(shape):
         blocks = getattr(source, "int4_parts", lambda: None)()
@@ -268,17 +355,21 @@ def _dense(source: Tensor | Any) -> Tensor:
 def build_quantized(model: nn.Module, state: Mapping[str, Any], scheme: str, device: torch.device) -> nn.Module:
     """Fill a meta-device Llama from `state`, one tensor at a time: linear weights through `quantize_linear`,
     the token embedding (also the tied head) and an untied head as int8, norms in fp32. No full-precision
-    copy of the model is ever held, so a 4-bit load peaks far below an fp32 one."""
+    copy of the model is ever held, so a 4-bit load peaks far below an fp32 one.
+
+    With fp16w the embedding and head are fp16 too: as int8 they would go through the bf16 int8 kernel that
+    fp16w exists to avoid, and add int8's rounding to a scheme whose only change is fp16's."""
     from .llama import Embedding, Linear
 
+    head = Fp16Linear.from_float if scheme == "fp16w" else Int8Linear.from_float
     for name, module in list(model.named_modules()):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if name else None
         if isinstance(module, Embedding):
-            new: nn.Module = Int8Embedding(*quantize_int8(_dense(state[f"{name}.weight"])))
+            new: nn.Module = QuantEmbedding(head(_dense(state[f"{name}.weight"])))
         elif isinstance(module, Linear):
             source = state[f"{name}.weight"]
-            new = Int8Linear.from_float(_dense(source)) if name == "output" else quantize_linear(source, scheme)
+            new = head(_dense(source)) if name == "output" else quantize_linear(source, scheme)
         else:
             continue
         setattr(parent, attr, new.to(device))
@@ -305,5 +396,7 @@ def bytes_per_token(config: LlamaConfig, dtype: torch.dtype | str) -> int:
         return matrices + head + 2 * (rows + config.vocab_size)  # + one bf16 scale per output row
     if dtype == "int4":
         return matrices // 2 + matrices // GROUP_SIZE * 4 + head + 2 * config.vocab_size
+    if dtype == "fp16w":
+        return (matrices + head) * 2
     size = torch.empty(0, dtype=dtype).element_size()  # type: ignore[arg-type]
     return (matrices + head) * size

@@ -65,7 +65,7 @@ def load_base_checkpoint(spec: str | os.PathLike, dtype: torch.dtype | str | Non
                          device: str | torch.device | None = None) -> LoadedBase:
     """Load a frozen base from an embedded name, a preset (random weights), a local path or a hub id.
 
-    dtype: a float dtype, or "int8" / "int4" for a weight-only quantised base (quant.py); default fp32 on
+    dtype: a float dtype, or "int8" / "int4" / "fp16w" for a weight-only quantised base (quant.py); default fp32 on
     CPU, bf16 on GPU."""
     device = torch.device(device or "cpu")
     dtype = resolve_dtype(dtype, device)
@@ -140,7 +140,7 @@ def _download(repo_id: str) -> Path:
 def build_llama(config: LlamaConfig, state: dict[str, Tensor | GGUFTensor], dtype: torch.dtype | str,
                 device: torch.device, source: str) -> Llama:
     """Assign a complete state dict (tensors, or GGUF tensors decoded one at a time) to a meta-initialised
-    Llama, checking names and shapes first; dtype "int8" / "int4" quantises the linear layers."""
+    Llama, checking names and shapes first; dtype "int8" / "int4" / "fp16w" quantises the linear layers."""
     check_shapes(config, {k: tuple(v.shape) for k, v in state.items()}, source)
     with torch.device("meta"):
         model = Llama(config)

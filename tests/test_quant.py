@@ -1,5 +1,6 @@
 """Weight-only quantised base: linears against the fp32 product, GGUF Q4 blocks against gguf's own
-dequantisation, training through an int8 base, state-dict and device guards, bytes per token."""
+dequantisation, training through an int8 base, state-dict and device guards, bytes per token; fp16 weights
+on fbgemm's kernel against fp32's greedy text, across save/load and without fbgemm."""
 
 from __future__ import annotations
 
@@ -15,24 +16,28 @@ from mmadapter import AdapterConfig, build_model, load_base
 from mmadapter.gguf_tensor import GGUFTensor
 from mmadapter.llama import Llama
 from mmadapter.int4_layout import Int4LayoutError, cpu_capability, layout_for
-from mmadapter.quant import (KERNEL_MAX_ROWS, Int4Linear, Int8Linear, QuantKernelError, bytes_per_token,
-                             kernels_available, resolve_dtype)
+from mmadapter.generate import Sampling, decode_tokens
+from mmadapter.quant import (KERNEL_MAX_ROWS, Fp16Linear, Int4Linear, Int8Linear, QuantEmbedding, QuantKernelError,
+                             bytes_per_token, fbgemm_available, kernels_available, resolve_dtype)
 from mmadapter.weights import interleaved_to_half
 
 pytestmark = pytest.mark.skipif(not kernels_available(torch.device("cpu")),
                                 reason="this PyTorch build has no weight-only CPU kernels")
 
 # Relative error ‖y - y_fp32‖ / ‖y_fp32‖ allowed per scheme on Gaussian weights and inputs: int8 rounds each
-# weight to 1/254 of its row's range, 4-bit to 1/30 of its group's; bf16 activations add ~0.4%.
-TOLERANCE = {"int8": 0.01, "int4": 0.12}
-MAKERS = {"int8": Int8Linear, "int4": Int4Linear}
+# weight to 1/254 of its row's range, 4-bit to 1/30 of its group's; bf16 activations add ~0.4%. fp16 keeps 11
+# significant bits of each weight and the activations stay fp32 (~3e-4).
+TOLERANCE = {"int8": 0.01, "int4": 0.12, "fp16w": 0.001}
+MAKERS = {"int8": Int8Linear, "int4": Int4Linear, "fp16w": Fp16Linear}
+FBGEMM = fbgemm_available(torch.device("cpu"))
+needs_fbgemm = pytest.mark.skipif(not FBGEMM, reason="this PyTorch build has no fbgemm engine")
 
 
 def rel_err(y, ref):
     return float((y.float() - ref).norm() / ref.norm())
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp16w"])
 @pytest.mark.parametrize("rows", [1, 5, KERNEL_MAX_ROWS + 30])  # the bf16 kernel and the dequantised matmul
 def test_quantised_linear_matches_fp32(scheme, rows):
     torch.manual_seed(0)
@@ -83,7 +88,7 @@ def test_an_unrecognised_int4_layout_is_refused(monkeypatch):
         int4_layout._row_placement.cache_clear()
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", pytest.param("fp16w", marks=needs_fbgemm)])
 def test_a_kernel_that_disagrees_with_its_weight_is_refused(scheme):
     torch.manual_seed(0)
     layer = MAKERS[scheme].from_float(torch.randn(64, 96))
@@ -131,10 +136,11 @@ def test_embedded_gguf_int4_layer_equals_dequantised_reference(smollm):
     assert rel_err(layer(x), F.linear(x, ref)) < 0.01
 
 
-def test_training_over_an_int8_base_moves_only_the_adapter():
+@pytest.mark.parametrize("scheme", ["int8", "fp16w"])
+def test_training_over_a_quantised_base_moves_only_the_adapter(scheme):
     torch.manual_seed(0)
-    model = build_model("tiny", AdapterConfig(n_prompts=4, n_layers=2), dtype="int8", seed=0)
-    assert isinstance(model.base.layers[0].attention.wq, Int8Linear)
+    model = build_model("tiny", AdapterConfig(n_prompts=4, n_layers=2), dtype=scheme, seed=0)
+    assert isinstance(model.base.layers[0].attention.wq, MAKERS[scheme])
     base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
     adapter_before = {k: v.clone() for k, v in model.adapter.state_dict().items()}
     tokens = torch.randint(3, 256, (4, 24), generator=torch.Generator().manual_seed(1))
@@ -154,10 +160,11 @@ def test_training_over_an_int8_base_moves_only_the_adapter():
     assert all(not torch.equal(v, adapter_before[k]) for k, v in model.adapter.state_dict().items())
 
 
+@pytest.mark.parametrize("scheme", ["int8", "fp16w"])
 @pytest.mark.parametrize("rows", [3, KERNEL_MAX_ROWS + 10])
-def test_input_gradient_uses_the_dequantised_weight(rows):
+def test_input_gradient_uses_the_dequantised_weight(scheme, rows):
     torch.manual_seed(0)
-    layer = Int8Linear.from_float(torch.randn(64, 96))
+    layer = MAKERS[scheme].from_float(torch.randn(64, 96))
     x = torch.randn(rows, 96, requires_grad=True)
     g = torch.randn(rows, 64)
     (layer(x) * g).sum().backward()
@@ -179,7 +186,17 @@ def test_unsupported_device_falls_back_with_one_warning(caplog):
         resolve_dtype("int3", torch.device("cpu"))
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_fp16w_is_a_cpu_scheme_and_says_when_fbgemm_is_missing(caplog, monkeypatch):
+    with caplog.at_level(logging.WARNING, logger="mmadapter.quant"):
+        assert resolve_dtype("fp16w", torch.device("cuda")) == torch.bfloat16
+        assert "fp16w" in caplog.text and "bfloat16" in caplog.text
+        caplog.clear()
+        monkeypatch.setattr(type(torch.backends.quantized), "supported_engines", ["qnnpack"])
+        assert resolve_dtype("fp16w", torch.device("cpu")) == "fp16w"  # still right, only slower
+    assert len(caplog.records) == 1 and "fbgemm" in caplog.text
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp16w"])
 def test_bytes_per_token_counts_the_stored_weights(scheme):
     q = load_base("tiny", dtype=scheme)
     read = sum(b.numel() * b.element_size() for name, b in q.base.named_buffers() if "norm" not in name)
@@ -198,10 +215,85 @@ def test_info_reports_decode_bytes_per_token():
     norms = (2 * 30 + 1) * 576  # two per layer and the final one: not matrices
     assert per_token["float32"] == 4 * (info["weights"]["parameters"] - norms)
     assert per_token["float32"] == 2 * per_token["bfloat16"] > per_token["int8"] > per_token["int4"]
+    assert per_token["fp16w"] == per_token["bfloat16"]  # the embedding / tied head is fp16 too
 
 
-def test_fsdp_refuses_a_quantised_base():
+@pytest.mark.parametrize("scheme", ["int8", "fp16w"])
+def test_fsdp_refuses_a_quantised_base(scheme):
     from mmadapter.commands.train import ModelOptions, build_training_model
 
     with pytest.raises(ValueError, match="--fsdp .* quantised base"):
-        build_training_model(ModelOptions(base="tiny", dtype="int8"), seed=0, fsdp=True)
+        build_training_model(ModelOptions(base="tiny", dtype=scheme), seed=0, fsdp=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# fp16 weights, fp32 activations (fbgemm)
+
+
+def test_fp16_weights_are_the_rounded_weight_and_the_kernel_multiplies_by_them():
+    torch.manual_seed(0)
+    w = torch.randn(96, 128) * 0.05
+    layer = Fp16Linear.from_float(w)
+    assert layer.weight_fp16.dtype == torch.float16 and layer.kernel_dtype == torch.float32
+    assert torch.equal(layer.dense_weight(), w.half().float())
+    for rows in (1, 7, KERNEL_MAX_ROWS):  # the kernel, fp32 in and out
+        x = torch.randn(rows, 128)
+        y = layer(x)
+        assert y.dtype == torch.float32
+        assert rel_err(y, F.linear(x, layer.dense_weight())) < 1e-5  # same weights, fp32 sums: only sum order
+    assert (layer._packed is not None) == FBGEMM  # the few-rows path went through fbgemm where it exists
+    layer.check_kernel()
+
+
+def test_fp16_weights_beyond_its_range_are_refused():
+    with pytest.raises(ValueError, match="fp16's range .* float32"):
+        Fp16Linear.from_float(torch.tensor([[1.0, 7e4]]))
+
+
+@needs_fbgemm
+def test_fp16_layer_without_fbgemm_multiplies_by_the_converted_weight(monkeypatch):
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 96), torch.randn(3, 96)
+    with_fbgemm = Fp16Linear.from_float(w)(x)
+
+    def refused(*args):
+        raise AssertionError("fbgemm was called although the engine is missing")
+
+    monkeypatch.setattr(type(torch.backends.quantized), "supported_engines", ["qnnpack"])
+    monkeypatch.setattr(torch.ops.quantized, "linear_dynamic_fp16", refused)
+    monkeypatch.setattr(torch.ops.quantized, "linear_prepack_fp16", refused)
+    layer = Fp16Linear.from_float(w)
+    layer.check_kernel()  # a base without fbgemm still builds
+    without = layer(x)
+    torch.testing.assert_close(without, F.linear(x, layer.dense_weight()), rtol=0, atol=0)
+    assert rel_err(without, with_fbgemm) < 1e-5 and layer._packed is None
+
+
+@needs_fbgemm
+def test_fp16_state_dict_round_trip_repacks_the_loaded_weight():
+    torch.manual_seed(0)
+    saved, other = Fp16Linear.from_float(torch.randn(64, 96)), Fp16Linear.from_float(torch.randn(64, 96))
+    x = torch.randn(2, 96)
+    state = saved.state_dict()
+    assert set(state) == {"weight_fp16"} and state["weight_fp16"].dtype == torch.float16  # no packed copy saved
+    other(x)  # packs other's own weight
+    other.load_state_dict(state, strict=True)  # written in place: the packed copy must follow
+    torch.testing.assert_close(other(x), saved(x), rtol=0, atol=0)
+    replaced = Fp16Linear.from_float(torch.randn(64, 96))
+    replaced(x)
+    replaced.load_state_dict(state, strict=True, assign=True)  # a new tensor
+    torch.testing.assert_close(replaced(x), saved(x), rtol=0, atol=0)
+
+
+def test_fp16w_base_decodes_fp32s_greedy_tokens(smollm):
+    fp16w = load_base("smollm2-135m-instruct", dtype="fp16w")
+    assert isinstance(fp16w.base.layers[0].feed_forward.w1, Fp16Linear)
+    assert isinstance(fp16w.base.tok_embeddings, QuantEmbedding)
+    assert fp16w.base.tok_embeddings.weight.dtype == torch.float16  # the tied head is fp16, not int8
+    questions = ["What is the capital of France?", "Name three colours.", "Why is the sky blue?"]
+    answers = {}
+    for name, model in (("fp32", smollm), ("fp16w", fp16w)):
+        ids = [model.prompt_ids(q) for q in questions]
+        steps = decode_tokens(model.base, ids, None, Sampling(max_new_tokens=8), eos_ids=())
+        answers[name] = torch.stack(list(steps), 1)  # [3, 8]
+    assert torch.equal(answers["fp16w"], answers["fp32"]), answers

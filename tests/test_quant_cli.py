@@ -1,4 +1,4 @@
-"""The README's quantised-base commands through the CLI: `mmadapter chat --dtype int8|int4` answers from a
+"""The README's quantised-base commands through the CLI: `mmadapter chat --dtype int8|int4|fp16w` answers from a
 quantised base, and `mmadapter info` reports the weight bytes one token reads for each --dtype."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from interop_helpers import one_thread  # noqa: F401  (autouse fixture: importin
 import mmadapter.model
 from mmadapter import load_base
 from mmadapter.cli import main
-from mmadapter.quant import Int4Linear, Int8Linear, bytes_per_token, kernels_available
+from mmadapter.quant import Fp16Linear, Int4Linear, Int8Linear, bytes_per_token, kernels_available
 
 pytestmark = pytest.mark.skipif(not kernels_available(torch.device("cpu")),
                                 reason="this PyTorch build has no weight-only CPU kernels")
-LAYERS = {"int8": Int8Linear, "int4": Int4Linear}
+LAYERS = {"int8": Int8Linear, "int4": Int4Linear, "fp16w": Fp16Linear}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def base(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", ["int8", "int4", "fp16w"])
 def test_chat_dtype_answers_from_the_quantised_base(dtype, base, capsys, monkeypatch):
     loaded = []
 
@@ -44,8 +44,8 @@ def test_chat_dtype_answers_from_the_quantised_base(dtype, base, capsys, monkeyp
     assert main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     (model,) = loaded
-    linears = [m for m in model.base.layers.modules() if isinstance(m, (Int8Linear, Int4Linear))]
-    assert linears and all(isinstance(m, LAYERS[dtype]) for m in linears)  # the head is int8 in both modes
+    linears = [m for m in model.base.layers.modules() if isinstance(m, tuple(LAYERS.values()))]
+    assert linears and all(isinstance(m, LAYERS[dtype]) for m in linears)  # one kind in the layers (heads aside)
     assert not any(isinstance(m, torch.nn.Linear) for m in model.base.layers.modules())
     assert out == load_base(str(base), dtype=dtype).generate("Name a colour.", max_new_tokens=6) + "\n"
 
@@ -56,7 +56,8 @@ def test_info_reports_bytes_per_token_for_every_dtype(base, capsys):
     config = load_base(str(base)).base.config
     assert per_token == {"float32": bytes_per_token(config, torch.float32),
                          "bfloat16": bytes_per_token(config, torch.bfloat16),
-                         "int8": bytes_per_token(config, "int8"), "int4": bytes_per_token(config, "int4")}
-    assert per_token["int4"] < per_token["int8"] < per_token["bfloat16"] < per_token["float32"]
+                         "int8": bytes_per_token(config, "int8"), "int4": bytes_per_token(config, "int4"),
+                         "fp16w": bytes_per_token(config, "fp16w")}
+    assert per_token["int4"] < per_token["int8"] < per_token["bfloat16"] == per_token["fp16w"] < per_token["float32"]
     assert main(["info", str(base)]) == 0
     assert "decode_bytes_per_token:" in capsys.readouterr().out  # the text form shows it too

@@ -255,7 +255,7 @@ def _gguf(path: Path) -> dict[str, Any]:
 def _bytes_per_token(info: dict[str, Any]) -> dict[str, int]:
     """Weight bytes one decoded token reads, per dtype mmadapter can load the base in (`--dtype`)."""
     from ..config import LlamaConfig
-    from ..quant import bytes_per_token
+    from ..quant import SCHEMES, bytes_per_token
 
     if "config" in info:
         config = LlamaConfig.from_dict(info["config"])
@@ -271,7 +271,7 @@ def _bytes_per_token(info: dict[str, Any]) -> dict[str, int]:
                              ffn_dim=int(meta["llama.feed_forward_length"]),
                              vocab_size=int(meta.get("llama.vocab_size", 0)) or
                              int(str(meta["tokenizer.ggml.tokens"]).split()[0]))
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": "int8", "int4": "int4"}
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, **{scheme: scheme for scheme in SCHEMES}}
     return {name: bytes_per_token(config, dtype) for name, dtype in dtypes.items()}
 
 

@@ -25,9 +25,10 @@ class ModelOptions:
     """How the CLI builds the model that the Python API receives ready-made."""
 
     base: str = option(DEFAULT_BASE, "base model: embedded name, preset, local dir/.gguf, or hub id")
-    dtype: str | None = option(None, "base weights dtype, or int8 / int4 for a weight-only quantised base on CPU "
+    dtype: str | None = option(None, "base weights dtype, or int8 / int4 / fp16w for a weight-only quantised base on "
+                               "CPU (fp16w: fp16 weights, fp32 compute; float16 computes in fp16) "
                                "(default: float32 on CPU, bfloat16 on GPU)",
-                               choices=("float32", "bfloat16", "float16", "int8", "int4"))
+                               choices=("float32", "bfloat16", "float16", "int8", "int4", "fp16w"))
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda if available, per local rank)")
     n_prompts: int = option(10, "adaptation prompts per layer (K)")
     n_layers: int | None = option(None, "adapted top layers (L; default: all but the bottom two)")
@@ -164,9 +165,9 @@ def build_training_model(options: ModelOptions, seed: int, fsdp: bool = False) -
     each process's 1/N share of the layer weights there, so the base never has to fit one GPU."""
     import torch
 
-    if fsdp and options.dtype in ("int8", "int4"):
+    if fsdp and options.dtype in ("int8", "int4", "fp16w"):
         raise ValueError(f"--fsdp shards float weights and cannot shard a quantised base (--dtype {options.dtype}); "
-                         "drop --fsdp (an int8/int4 base is already 4-8x smaller) or use a float dtype")
+                         "drop --fsdp (an int8/int4/fp16w base is already 2-8x smaller) or use a float dtype")
 
     from ..config import AdapterConfig, VisionConfig
     from ..model import build_model
