@@ -25,7 +25,8 @@ def test_a_tiny_run_writes_a_curve_that_training_moves(tmp_path, one_thread):
     assert all(0 <= a <= 100 for p in result["points"] for a in p["accuracy"].values())
     assert result["points"][0]["gate_max"] == 0 < result["points"][-1]["gate_max"]  # zero-init gates opened
     table = format_curves({"tiny": result})
-    assert "| tiny (colour) | spatial | 2 |" in table and "| tiny (count) |" in table
+    assert "| tiny (colour) | spatial projector, 2 adapted layers, position code 1," in table
+    assert "| tiny (count) |" in table
     assert (tmp_path / "exp" / "curve.png").read_bytes().startswith(b"\x89PNG")
     plot_main([str(tmp_path / "exp"), str(tmp_path / "all.png")])  # the folder's curve.json, as a comparison
     assert (tmp_path / "all.png").read_bytes().startswith(b"\x89PNG")

@@ -243,10 +243,18 @@ def demo_experiments() -> list[str]:
     return format_curves(curves).splitlines()
 
 
+def query_spread() -> list[str]:
+    """How much the named colour moves each layer's query (bench/results/query_spread.json)."""
+    from mmadapter.demo.query_spread import format_spread
+
+    return format_spread(result("query_spread")).splitlines()
+
+
 FIGURES: dict[str, Callable[[], list[str]]] = {
     "benchmarks table": table, "benchmarks text": benchmark_prose, "serving": serving,
     "parameter counts": parameter_counts, "limits": limits, "demo tower probe": demo_tower_probe,
-    "demo accuracy": demo_eval, "demo learning curves": demo_experiments, "quantised": quantised,
+    "demo accuracy": demo_eval, "demo learning curves": demo_experiments, "query spread": query_spread,
+    "quantised": quantised,
 }
 
 

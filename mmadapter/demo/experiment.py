@@ -280,16 +280,34 @@ def run(e: Experiment, out: Path, progress: bool = True) -> dict[str, Any]:
     return json.loads((out / "curve.json").read_text(encoding="utf-8"))
 
 
+def describe_settings(settings: dict[str, Any]) -> str:
+    """The settings that differ from the defaults, in words (older curve files lack the newer knobs)."""
+    defaults = asdict(Experiment())
+    words = {"projector": "{} projector", "spatial_grid": "{0}x{0} regions", "n_layers": "{} adapted layers",
+             "n_prompts": "{} prompts", "prompt_init_std": "prompt init std {}", "position_code": "position code {}",
+             "gate_lr_scale": "gate lr ×{}", "projector_lr_scale": "projector lr ×{}", "lr": "lr {}",
+             "batch_size": "batch {}", "max_objects": "scenes of ≤ {} objects",
+             "curriculum_steps": "curriculum over {} steps", "lora_rank": "LoRA rank {}", "lora_on": "LoRA on {}",
+             "template": "template {}", "train_scenes": "{} training scenes"}
+    parts = [f"{settings['projector']} projector", f"{settings['n_layers']} adapted layers"]
+    for key, form in words.items():
+        if key in ("projector", "n_layers") or key not in settings:
+            continue
+        shown = settings.get("lora_rank") if key == "lora_on" else settings[key] != defaults[key]
+        if not shown:
+            continue
+        parts.append(form.format(f"{settings[key]:g}" if isinstance(settings[key], float) else settings[key]))
+    return ", ".join(parts)
+
+
 def format_curves(curves: dict[str, dict[str, Any]]) -> str:
     """Markdown: one row per experiment and question type, held-out accuracy at each evaluation."""
-    lines = ["| experiment | projector | adapted layers | gate lr × | prompt init std | accuracy (%) at presentations |",
-             "|---|---|---:|---:|---:|---|"]
+    lines = ["| experiment | settings (besides the defaults) | accuracy (%) at presentations |", "|---|---|---|"]
     for name, curve in curves.items():
         e = curve["settings"]
         for kind in e["kinds"]:
             points = ", ".join(f"{p['accuracy'][kind]:.0f} @ {p['presentations']:,}" for p in curve["points"])
-            lines.append(f"| {name} ({kind}) | {e['projector']} | {e['n_layers']} | {e['gate_lr_scale']:g} "
-                         f"| {e['prompt_init_std']:g} | {points} |")
+            lines.append(f"| {name} ({kind}) | {describe_settings(e)} | {points} |")
     return "\n".join(lines)
 
 
