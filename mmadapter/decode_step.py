@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .llama import AdapterKV, Embedding, KVCache, Linear, Llama, fused_weight
 from .matvec import split_matvec, thread_split
+from .packed_rows import RowsProduct
 from .tuning import FusedTerms, fused_terms, projection_shapes
 
 GROUPS = (("wq", "wk", "wv"), ("wo",), ("w1", "w3"), ("w2",))  # the products of a layer, in order
@@ -56,7 +57,9 @@ class DecodeStep:
         shapes = projection_shapes(c)
         self.outs = [[shapes[n][1] for n in names] for names in GROUPS]
         tied = base.output is None and type(base.tok_embeddings) is Embedding
-        self.head = _product(base, ("tok_embeddings",)) if tied else base.head
+        head = "tok_embeddings" if tied else "output" if type(base.output) is Linear else None
+        # the head is the largest product by far: batched steps read it through a packed copy (+ its size)
+        self.head = _product(base, (head,), packed_rows=True) if head else base.head
         h, g, d = self.shape
         scale = torch.cat((torch.full((h, 1), d**-0.5), torch.ones(g, 1))).to(base.device)  # [H+G, 1]
         sign = torch.cat((-torch.ones(d // 2), torch.ones(d // 2))).to(base.device)  # rotate_half as a roll
@@ -144,10 +147,11 @@ def _add(terms: FusedTerms | None, x: Tensor, y: Tensor) -> Tensor:
     return y if terms is None else terms.add(x, y)
 
 
-def _product(owner: nn.Module, names: tuple[str, ...]) -> Callable[[Tensor], Tensor]:
+def _product(owner: nn.Module, names: tuple[str, ...], packed_rows: bool = False) -> Callable[[Tensor], Tensor]:
     """x [B, in] -> x Wᵀ [B, Σ out] for owner's projections `names`: one product over their (fused) weight, a
-    single fp32 row split over the threads (matvec.py) with the split weight prepared here; quantised
-    projections are called one by one."""
+    single fp32 row split over the threads (matvec.py) with the split weight prepared here, several rows by
+    F.linear or (packed_rows) over a oneDNN-packed copy (packed_rows.py); quantised projections are called
+    one by one."""
     modules = [getattr(owner, n) for n in names]
     single = modules[0]
     plain = len(names) == 1 and type(single) in (Linear, Embedding) and not single.weight.requires_grad
@@ -155,8 +159,9 @@ def _product(owner: nn.Module, names: tuple[str, ...]) -> Callable[[Tensor], Ten
     if weight is None:
         return modules[0] if len(modules) == 1 else lambda x: torch.cat([m(x) for m in modules], dim=-1)
     split = thread_split(weight)
+    rows = RowsProduct(weight) if packed_rows else lambda x: F.linear(x, weight)
 
     def product(x: Tensor) -> Tensor:
-        return split_matvec(x, split) if split is not None and x.shape[0] == 1 else F.linear(x, weight)
+        return split_matvec(x, split) if split is not None and x.shape[0] == 1 else rows(x)
 
     return product

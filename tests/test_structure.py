@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmadapter"
 
 # Floors, bottom first. A module may import from its own floor or any floor below.
 LAYERS = [
-    ("foundation", ["config", "matvec", "atomic", "safe_io", "images", "loss", "distributed", "stop_signals", "plot",
+    ("foundation", ["config", "matvec", "packed_rows", "atomic", "safe_io", "images", "loss", "distributed", "stop_signals", "plot",
                     "towers", "data.templates", "data.records", "data.shapes"]),
     ("pieces", ["llama", "tuning", "prefix_reuse", "mlp_projector", "visual_query", "spatial_tokens", "int4_layout",
                 "tokenizer_error", "tokenizer_hf", "tokenizer_sentencepiece", "tokenizer_gguf", "tokenizer", "gguf_tensor",

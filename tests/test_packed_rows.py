@@ -1,0 +1,47 @@
+"""The oneDNN-packed product batched decoding uses for the LM head: equal to F.linear for every row count,
+and refused (None: F.linear is used) where it is unavailable or disagrees."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmadapter import packed_rows
+from mmadapter.packed_rows import RowsProduct, pack_rows
+
+needs_onednn = pytest.mark.skipif(pack_rows(torch.randn(64, 32)) is None,
+                                  reason="oneDNN's packed linear is not available in this PyTorch build")
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 33])
+def test_the_packed_product_equals_f_linear(rows):
+    weight = torch.randn(1000, 96)
+    x = torch.randn(rows, 96)
+    product = pack_rows(weight)
+    torch.testing.assert_close(product(x), F.linear(x, weight), rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+def test_rows_product_packs_on_the_first_batch_only(monkeypatch):
+    weight = torch.randn(300, 64)
+    product = RowsProduct(weight)
+    x1, x4 = torch.randn(1, 64), torch.randn(4, 64)
+    torch.testing.assert_close(product(x1), F.linear(x1, weight))
+    assert not product._tried  # one row never packs: no copy for single-stream decoding
+    torch.testing.assert_close(product(x4), F.linear(x4, weight), rtol=1e-5, atol=1e-4)
+    assert product._packed is not None
+
+
+def test_no_onednn_or_a_disagreeing_product_falls_back_to_f_linear(monkeypatch):
+    weight = torch.randn(200, 48)
+    x = torch.randn(5, 48)
+    assert pack_rows(weight.to(torch.bfloat16)) is None and pack_rows(weight.double()) is None
+    monkeypatch.setattr(packed_rows, "TOLERANCE", -1.0)  # any error "disagrees"
+    assert pack_rows(weight) is None
+    product = RowsProduct(weight)
+    torch.testing.assert_close(product(x), F.linear(x, weight))
+    assert product._tried and product._packed is None
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert pack_rows(weight) is None
