@@ -9,8 +9,9 @@ prompts, training) dequantise one slice of rows at a time and use an ordinary fp
 
 On CPUs without native bf16 (AVX2) those kernels convert activations in software and gain little over fp32,
 so a third scheme, "fp16w", stores the weights in fp16 and multiplies fp32 activations with fbgemm's
-fp16-weight linear, which converts the weights on the fly (F16C): half the bytes read per token, and only
-fp16 rounding of the weights. It is named fp16w, not fp16, because dtype float16 means fp16 compute.
+fp16-weight linear, which converts the weights on the fly (F16C): half of fp32's memory and bytes read per
+token, and only fp16 rounding of the weights. It is named fp16w, not fp16, because dtype float16 means fp16
+compute.
 
 The 4-bit kernel's packed layout is private to PyTorch and differs between CPU capabilities, so codes
 are read back through a layout learnt by round trip in this process (int4_layout.py), and every
@@ -25,7 +26,7 @@ the weights) through `_FrozenMatmul`, so adapters, gates, projectors and LoRA te
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -99,10 +100,10 @@ class _FrozenMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         layer: QuantLinear = ctx.layer
-        grad_x = None
-        for start in range(0, layer.out_features, ROW_CHUNK):
-            end = min(start + ROW_CHUNK, layer.out_features)
-            part = grad[..., start:end] @ layer.dequantize(start, end, grad.dtype)  # [..., in]
+        grad_x, start = None, 0
+        for weight in layer.weight_slices(grad.dtype):  # [rows, in], in order of output rows
+            part = grad[..., start:start + weight.shape[0]] @ weight  # [..., in]
+            start += weight.shape[0]
             grad_x = part if grad_x is None else grad_x.add_(part)
         return grad_x, None
 
@@ -126,9 +127,14 @@ class QuantLinear(nn.Module):
         if rows <= KERNEL_MAX_ROWS:
             y = self.kernel(x.reshape(rows, self.in_features).to(self.kernel_dtype))  # [rows, out]
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        parts = [F.linear(x, self.dequantize(s, min(s + ROW_CHUNK, self.out_features), x.dtype))
-                 for s in range(0, self.out_features, ROW_CHUNK)]
+        parts = [F.linear(x, weight) for weight in self.weight_slices(x.dtype)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def weight_slices(self, dtype: torch.dtype) -> Iterator[Tensor]:
+        """The dequantised weight as consecutive slices of output rows [rows, in], ROW_CHUNK rows each, so a
+        many-rows product or the backward pass never holds the whole weight dequantised."""
+        for start in range(0, self.out_features, ROW_CHUNK):
+            yield self.dequantize(start, min(start + ROW_CHUNK, self.out_features), dtype)
 
     def dense_weight(self) -> Tensor:
         """The dequantised weight [out, in] in fp32 (a new tensor: the codes stay the stored form)."""
@@ -225,16 +231,17 @@ class Int4Linear(QuantLinear):
 class Fp16Linear(QuantLinear):
     """W rounded to fp16 [out, in]; few rows go through fbgemm's fp16-weight linear with fp32 activations.
 
-    fbgemm multiplies from its own packed copy of the weight, built from `weight_fp16` on first use and again
-    whenever that buffer is replaced (`.to()`) or loaded (`load_state_dict`); it is never saved. A process
-    that has decoded therefore holds both, 4 bytes per weight like fp32: what halves is the bytes each
-    decoded token reads. Without fbgemm (non-x86 builds, other devices) the few-rows path multiplies by the
-    weight converted to fp32, which gives the same result."""
+    Where fbgemm runs (CPU, x86 builds) its packed weight, built here, is the only copy, so the layer holds 2
+    bytes per weight: `weight_fp16` is then an empty placeholder (keeping the state-dict key, the device and
+    the dtype), `state_dict()` unpacks the weight into that key, loading and `.to()` repack. An embedding's
+    layer (`keep_rows`) also keeps the fp16 rows, because a lookup cannot read fbgemm's packed layout.
+    Elsewhere (non-x86 builds, other devices) `weight_fp16` holds the weight and the few-rows path multiplies
+    by it converted to fp32, which gives the same result."""
 
     kernel_dtype = torch.float32
     STORED = "weight_fp16"
 
-    def __init__(self, weight: Tensor) -> None:
+    def __init__(self, weight: Tensor, keep_rows: bool = False) -> None:
         """weight [out, in], any float dtype; refused when a value does not fit fp16's range."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -242,9 +249,13 @@ class Fp16Linear(QuantLinear):
         if not largest <= torch.finfo(torch.float16).max:
             raise ValueError(f"a {tuple(weight.shape)} weight holds {largest:.3g}, beyond fp16's range (65504): "
                              "load this base with dtype float32, bfloat16 or int8 instead of fp16w")
-        self.register_buffer("weight_fp16", weight.detach().to(torch.float16).contiguous())  # [out, in]
-        self._packed: tuple[Tensor, Any] | None = None  # (the weight_fp16 it was built from, fbgemm's packed weight)
-        self.register_load_state_dict_post_hook(_forget_packed)  # loading writes weight_fp16 in place
+        self.keep_rows = keep_rows
+        self._packed: Any = None  # fbgemm's packed weight, or None where fbgemm cannot run
+        self.register_buffer("weight_fp16", weight.detach().to(torch.float16).contiguous())  # [out, in] or [0]
+        self.register_state_dict_post_hook(_save_unpacked)
+        self.register_load_state_dict_pre_hook(_unpack_for_loading)
+        self.register_load_state_dict_post_hook(_repack_loaded)
+        self._pack()
 
     @classmethod
     def from_float(cls, weight: Tensor) -> Fp16Linear:
@@ -252,33 +263,78 @@ class Fp16Linear(QuantLinear):
 
     def kernel(self, x: Tensor) -> Tensor:
         """x [rows, in] fp32 -> [rows, out] fp32."""
-        packed = self._fbgemm_weight()
+        packed = self._packed
         if packed is None:
-            return F.linear(x, self.dequantize(0, self.out_features, x.dtype))
+            return F.linear(x, self.weight_fp16.to(x.dtype))
         return torch.ops.quantized.linear_dynamic_fp16(x, packed)
 
-    def _fbgemm_weight(self) -> Any:
-        """fbgemm's packed weight for the current `weight_fp16`, or None where fbgemm cannot run."""
-        weight, packed = self.weight_fp16, self._packed  # read once: threads decoding at once may both pack
-        if packed is not None and packed[0] is weight:  # the common case, checked first: every step comes here
-            return packed[1]
+    def _pack(self) -> None:
+        """Where fbgemm runs, pack `weight_fp16` for it and (unless rows are kept) leave only the packed copy."""
+        weight = self.weight_fp16
         if not fbgemm_available(weight.device):
             self._packed = None
-            return None
-        packed = (weight, torch.ops.quantized.linear_prepack_fp16(weight.float(), None))  # first use, or replaced
-        self._packed = packed
-        return packed[1]
+            return
+        self._packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
+        if not self.keep_rows:
+            self.weight_fp16 = weight.new_empty(0)
+
+    def _packed_only(self) -> bool:
+        return self._packed is not None and not self.keep_rows
+
+    def _unpacked(self, dtype: torch.dtype) -> Tensor:
+        """The whole weight [out, in] from fbgemm's packed copy, a new tensor (fbgemm unpacks to fp32, exactly
+        the fp16 values)."""
+        return torch.ops.quantized.linear_unpack_fp16(self._packed)[0].to(dtype)
+
+    def weight_slices(self, dtype: torch.dtype) -> Iterator[Tensor]:
+        """From the packed copy, one slice: fbgemm unpacks only the whole weight, so once per call."""
+        if self._packed_only():
+            yield self._unpacked(dtype)
+        else:
+            yield from super().weight_slices(dtype)
 
     def dequantize(self, start: int, end: int, dtype: torch.dtype) -> Tensor:
+        """Rows start..end [end - start, in]; from the packed copy this unpacks the whole weight (slices of one
+        product: `weight_slices`)."""
+        if self._packed_only():
+            return self._unpacked(dtype)[start:end]
         return self.weight_fp16[start:end].to(dtype)
 
     def rows(self, index: Tensor, dtype: torch.dtype) -> Tensor:
-        """The rows [*index.shape, in] picked by `index` (an embedding lookup)."""
-        return self.weight_fp16[index].to(dtype)
+        """The rows [*index.shape, in] picked by `index` (an embedding lookup: build with keep_rows)."""
+        weight = self._unpacked(dtype) if self._packed_only() else self.weight_fp16
+        return weight[index].to(dtype)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """Moves and casts (`.to()`, `.cpu()`, `.float()`) act on the fp16 weight, unpacked first; a move that
+        leaves it fp16 on the CPU keeps the packed copy as it is."""
+        if self._packed is not None:
+            probe = fn(torch.empty(0, dtype=torch.float16))  # where, and as what, the move puts the weight
+            if probe.device.type == "cpu" and probe.dtype == torch.float16:
+                return super()._apply(fn, recurse)
+            if not self.keep_rows:
+                self.weight_fp16 = self._unpacked(torch.float16)
+            self._packed = None
+        module = super()._apply(fn, recurse)
+        self._pack()
+        return module
 
 
-def _forget_packed(module: Fp16Linear, _keys: Any) -> None:
+def _save_unpacked(module: Fp16Linear, state: dict[str, Any], prefix: str, _metadata: Any) -> None:
+    """state_dict() saves the fp16 weight under `weight_fp16` as ever, not the placeholder."""
+    if module._packed_only():
+        state[prefix + "weight_fp16"] = module._unpacked(torch.float16)
+
+
+def _unpack_for_loading(module: Fp16Linear, *_args: Any) -> None:
+    """Loading checks the stored shape and writes into the buffer: give it the weight again until repacked."""
+    if module._packed_only():
+        module.weight_fp16 = module._unpacked(torch.float16)
     module._packed = None
+
+
+def _repack_loaded(module: Fp16Linear, _keys: Any) -> None:
+    module._pack()
 
 
 class QuantEmbedding(nn.Module):
@@ -286,6 +342,9 @@ class QuantEmbedding(nn.Module):
 
     def __init__(self, head: Int8Linear | Fp16Linear, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        if isinstance(head, Fp16Linear) and not head.keep_rows:
+            raise ValueError("an fp16 embedding looks rows up, which fbgemm's packed copy cannot give: "
+                             "build its layer as Fp16Linear(weight, keep_rows=True)")
         self.head = head
         self.dtype = dtype
 
@@ -361,12 +420,14 @@ def build_quantized(model: nn.Module, state: Mapping[str, Any], scheme: str, dev
     fp16w exists to avoid, and add int8's rounding to a scheme whose only change is fp16's."""
     from .llama import Embedding, Linear
 
-    head = Fp16Linear.from_float if scheme == "fp16w" else Int8Linear.from_float
+    def head(weight: Tensor, rows: bool = False) -> Int8Linear | Fp16Linear:
+        return Fp16Linear(weight, keep_rows=rows) if scheme == "fp16w" else Int8Linear.from_float(weight)
+
     for name, module in list(model.named_modules()):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if name else None
         if isinstance(module, Embedding):
-            new: nn.Module = QuantEmbedding(head(_dense(state[f"{name}.weight"])))
+            new: nn.Module = QuantEmbedding(head(_dense(state[f"{name}.weight"]), rows=True))
         elif isinstance(module, Linear):
             source = state[f"{name}.weight"]
             new = head(_dense(source)) if name == "output" else quantize_linear(source, scheme)

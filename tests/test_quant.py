@@ -1,9 +1,11 @@
 """Weight-only quantised base: linears against the fp32 product, GGUF Q4 blocks against gguf's own
 dequantisation, training through an int8 base, state-dict and device guards, bytes per token; fp16 weights
-on fbgemm's kernel against fp32's greedy text, across save/load and without fbgemm."""
+on fbgemm's kernel against fp32's greedy text, held only as fbgemm's packed copy, across save/load and
+without fbgemm."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from types import SimpleNamespace
 
@@ -11,15 +13,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from mmadapter import AdapterConfig, build_model, load_base
 from mmadapter.gguf_tensor import GGUFTensor
 from mmadapter.llama import Llama
 from mmadapter.int4_layout import Int4LayoutError, cpu_capability, layout_for
 from mmadapter.generate import Sampling, decode_tokens
-from mmadapter.quant import (KERNEL_MAX_ROWS, Fp16Linear, Int4Linear, Int8Linear, QuantEmbedding, QuantKernelError,
-                             bytes_per_token, fbgemm_available, kernels_available, resolve_dtype)
-from mmadapter.weights import interleaved_to_half
+from mmadapter.quant import (KERNEL_MAX_ROWS, ROW_CHUNK, Fp16Linear, Int4Linear, Int8Linear, QuantEmbedding,
+                             QuantKernelError, bytes_per_token, fbgemm_available, kernels_available, resolve_dtype)
+from mmadapter.weights import build_llama, interleaved_to_half
 
 pytestmark = pytest.mark.skipif(not kernels_available(torch.device("cpu")),
                                 reason="this PyTorch build has no weight-only CPU kernels")
@@ -199,7 +202,7 @@ def test_fp16w_is_a_cpu_scheme_and_says_when_fbgemm_is_missing(caplog, monkeypat
 @pytest.mark.parametrize("scheme", ["int8", "int4", "fp16w"])
 def test_bytes_per_token_counts_the_stored_weights(scheme):
     q = load_base("tiny", dtype=scheme)
-    read = sum(b.numel() * b.element_size() for name, b in q.base.named_buffers() if "norm" not in name)
+    read = sum(t.numel() * t.element_size() for name, t in q.base.state_dict().items() if "norm" not in name)
     assert bytes_per_token(q.base.config, scheme) == read
     fp = load_base("tiny")
     assert bytes_per_token(fp.base.config, torch.float32) == sum(
@@ -285,15 +288,79 @@ def test_fp16_state_dict_round_trip_repacks_the_loaded_weight():
     torch.testing.assert_close(replaced(x), saved(x), rtol=0, atol=0)
 
 
+@needs_fbgemm
+def test_fp16_layer_holds_only_fbgemms_packed_weight(tmp_path):
+    """2 bytes per weight, not 4: no fp16 copy beside the packed one, yet the state dict saves the fp16 weight."""
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 96), torch.randn(3, 96)
+    layer = Fp16Linear.from_float(w)
+    assert layer._packed is not None
+    assert sum(b.nbytes for b in layer.buffers()) == 0 and not list(layer.parameters())
+    assert not [k for k, v in vars(layer).items() if isinstance(v, torch.Tensor)]  # nor a tensor held aside
+    state = layer.state_dict()
+    assert list(state) == ["weight_fp16"] and torch.equal(state["weight_fp16"], w.half())  # the key saved files hold
+    save_file(state, tmp_path / "layer.safetensors")
+    loaded = Fp16Linear.from_float(torch.randn(64, 96))
+    loaded.load_state_dict(load_file(tmp_path / "layer.safetensors"), strict=True)
+    torch.testing.assert_close(loaded(x), layer(x), rtol=0, atol=0)
+    assert sum(b.nbytes for b in loaded.buffers()) == 0  # loading repacked and let the fp16 weight go again
+
+
+@needs_fbgemm
+def test_fp16_layer_moves_and_casts_through_its_fp16_weight():
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 96), torch.randn(3, 96)
+    layer = Fp16Linear.from_float(w)
+    y, packed = layer(x), layer._packed
+    assert layer.to("cpu")._packed is packed  # staying fp16 on the CPU keeps the packed copy
+    moved = copy.deepcopy(layer).to("meta")  # off the CPU: the fp16 weight itself, no packed copy
+    assert moved._packed is None and moved.weight_fp16.shape == (64, 96) and moved.weight_fp16.dtype == torch.float16
+    layer.float()  # a cast: unpacked, converted, packed again from the same values
+    assert layer._packed is not packed and sum(b.nbytes for b in layer.buffers()) == 0
+    assert torch.equal(layer.state_dict()["weight_fp16"], w.half())
+    torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+
+
+@needs_fbgemm
+def test_fp16_many_rows_and_backward_unpack_the_packed_weight_once_per_call(monkeypatch):
+    torch.manual_seed(0)
+    layer = Fp16Linear.from_float(torch.randn(ROW_CHUNK + 64, 32))  # two row slices for the other schemes
+    unpack, calls = torch.ops.quantized.linear_unpack_fp16, []
+    monkeypatch.setattr(torch.ops.quantized, "linear_unpack_fp16", lambda packed: calls.append(1) or unpack(packed))
+    x = torch.randn(KERNEL_MAX_ROWS + 10, 32, requires_grad=True)
+    g = torch.randn(KERNEL_MAX_ROWS + 10, ROW_CHUNK + 64)
+    y = layer(x)
+    assert len(calls) == 1
+    (y * g).sum().backward()
+    assert len(calls) == 2
+    weight = layer.dense_weight()
+    assert rel_err(y.detach(), F.linear(x.detach(), weight)) < 1e-5 and rel_err(x.grad, g @ weight) < 1e-5
+
+
+def test_fp16_embedding_keeps_its_rows_for_lookups():
+    w = torch.randn(50, 16)
+    with pytest.raises(ValueError, match="keep_rows=True"):
+        QuantEmbedding(Fp16Linear.from_float(w))
+    embedding = QuantEmbedding(Fp16Linear(w, keep_rows=True))
+    tokens = torch.tensor([[3, 0, 49]])
+    assert torch.equal(embedding(tokens), w.half().float()[tokens])
+    assert torch.equal(embedding.weight, w.half()) and (embedding.head._packed is not None) == FBGEMM
+
+
 def test_fp16w_base_decodes_fp32s_greedy_tokens(smollm):
-    fp16w = load_base("smollm2-135m-instruct", dtype="fp16w")
-    assert isinstance(fp16w.base.layers[0].feed_forward.w1, Fp16Linear)
-    assert isinstance(fp16w.base.tok_embeddings, QuantEmbedding)
-    assert fp16w.base.tok_embeddings.weight.dtype == torch.float16  # the tied head is fp16, not int8
-    questions = ["What is the capital of France?", "Name three colours.", "Why is the sky blue?"]
+    # built from the fp32 fixture's weights, which are what load_base(dtype="fp16w") rounds (the GGUF is not
+    # read and dequantised again)
+    base = smollm.base
+    fp16w = build_llama(base.config, base.state_dict(), "fp16w", torch.device("cpu"), source="the fp32 base")
+    assert isinstance(fp16w.layers[0].feed_forward.w1, Fp16Linear)
+    assert isinstance(fp16w.tok_embeddings, QuantEmbedding)
+    assert fp16w.tok_embeddings.weight.dtype == torch.float16  # the tied head is fp16, not int8
+    if FBGEMM:
+        assert fp16w.layers[0].feed_forward.w1.weight_fp16.numel() == 0  # only fbgemm's packed copy
+    ids = [smollm.prompt_ids(q) for q in ("What is the capital of France?", "Name three colours.",
+                                          "Why is the sky blue?")]
     answers = {}
-    for name, model in (("fp32", smollm), ("fp16w", fp16w)):
-        ids = [model.prompt_ids(q) for q in questions]
-        steps = decode_tokens(model.base, ids, None, Sampling(max_new_tokens=8), eos_ids=())
-        answers[name] = torch.stack(list(steps), 1)  # [3, 8]
+    for name, model in (("fp32", base), ("fp16w", fp16w)):
+        steps = decode_tokens(model, ids, None, Sampling(max_new_tokens=6), eos_ids=())  # prefill + 5 steps
+        answers[name] = torch.stack(list(steps), 1)  # [3, 6]
     assert torch.equal(answers["fp16w"], answers["fp32"]), answers
