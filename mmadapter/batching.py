@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from .batch_profile import EngineProfile, RequestTimes
-from .decode_step import DecodeStep
+from .decode_step import PACKED_MB, DecodeStep
 from .generate import Sampling, decode_one_token, sample, text_pieces
 from .llama import AdapterKV, KVCache
 from .prefix_reuse import Context, PrefixReuse, request_context
@@ -87,9 +87,10 @@ class BatchEngine:
     """Decode many requests together. `submit` token ids or `stream` text, from any number of threads."""
 
     def __init__(self, model: MMAdapter, max_batch: int = 8, max_slots: int | None = None,
-                 prefill_chunk: int = 64, reuse_mb: float = 0.0) -> None:
+                 prefill_chunk: int = 64, reuse_mb: float = 0.0, packed_mb: float = PACKED_MB) -> None:
         """prefill_chunk: prompt tokens prefilled between two decoding steps (0: a whole prompt at once);
-        reuse_mb: memory for the K/V of finished requests that later ones may start from (0: none)."""
+        reuse_mb: memory for the K/V of finished requests that later ones may start from (0: none);
+        packed_mb: memory for copies of the weights packed for batched steps (decode_step.py; 0: none)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if prefill_chunk < 0:
@@ -107,7 +108,7 @@ class BatchEngine:
         self._key_mask: Tensor | None = None  # [R, S]: True where a row's slot holds one of its tokens
         self._cursor = 0  # the slot the next decoding step writes
         self._batch_kv: AdapterKV | None = None
-        self._decode_step = DecodeStep(self.base)  # one for the engine: the base never changes, rows bring the rest
+        self._decode_step = DecodeStep(self.base, packed_mb)  # one for the engine: the base never changes, rows bring the rest
         self._kv_stale = True
         self._step_rows = 0  # the cache rows a step runs over: up to the highest decoding row (the rest wait)
         self._step_caches: list[KVCache] = []  # views of those rows

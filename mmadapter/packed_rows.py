@@ -7,7 +7,7 @@ of the weight reordered for it took 5-17 ms for 1-8 rows. PyTorch reaches oneDNN
 operators that are not public API (`mkldnn._reorder_linear_weight`, `mkldnn._linear_pointwise`, what
 torch.compile's CPU backend emits), so the packed product is checked against `F.linear` when it is made and
 is not used (with a log line) where those operators are missing or disagree. The packed copy costs the
-weight's size again, which is why only the products that gain most use it (decode_step.py: the LM head).
+weight's size again, so the decoding step packs within a memory budget (decode_step.py: `packed_mb`).
 """
 
 from __future__ import annotations

@@ -45,3 +45,39 @@ def test_no_onednn_or_a_disagreeing_product_falls_back_to_f_linear(monkeypatch):
     assert product._tried and product._packed is None
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     assert pack_rows(weight) is None
+
+
+def test_the_decode_step_packs_the_head_first_then_layers_within_its_budget(tmp_path):
+    from mmadapter.config import LlamaConfig
+    from mmadapter.decode_step import DecodeStep
+    from mmadapter.llama import Llama
+
+    config = LlamaConfig(name="tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=512,
+                         max_seq_len=64)
+    base = Llama(config).requires_grad_(False)
+    head = 512 * 64 * 4
+    layer = (64 * (64 + 2 * 32) + 64 * 64 + 2 * 128 * 64 + 64 * 128) * 4  # q/k/v, wo, gate/up, down
+    assert DecodeStep(base, packed_mb=0).packed_bytes == 0
+    assert DecodeStep(base, packed_mb=head / 2**20).packed_bytes == head
+    assert DecodeStep(base, packed_mb=1).packed_bytes == head + 2 * layer
+
+
+@needs_onednn
+def test_a_batched_step_over_packed_weights_decodes_the_same_tokens(tiny_hf):
+    from mmadapter import AdapterConfig
+    from mmadapter.decode_step import DecodeStep
+    from mmadapter.model import load_base
+    from test_decode_step import PROMPTS, greedy
+
+    model = load_base(str(tiny_hf[0]))
+    model.add_adapter(AdapterConfig(n_prompts=4, n_layers=3), seed=0)
+    with torch.no_grad():
+        model.adapter.gates.fill_(0.5)
+    with torch.inference_mode():
+        kv = model.adapter_kv(None, None)
+    packed = DecodeStep(model.base)
+    plain_tokens, plain_logits = greedy(model.base, DecodeStep(model.base, packed_mb=0), PROMPTS, kv)
+    tokens, logits = greedy(model.base, packed, PROMPTS, kv)
+    assert len(PROMPTS) > 1 and packed.packed_bytes > 0
+    assert tokens.tolist() == plain_tokens.tolist()
+    torch.testing.assert_close(logits, plain_logits, rtol=1e-4, atol=1e-4)

@@ -34,6 +34,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reuse-mb", type=float, default=128,
                    help="memory for the K/V of earlier turns, reused by a conversation's next turn (default: 128; "
                         "least recently used dropped first; 0: off)")
+    p.add_argument("--packed-mb", type=float, default=1024,
+                   help="memory for copies of the fp32 weights packed for batched decoding steps, the LM head "
+                        "first (default: 1024, all of SmolLM2-135M; 0: off)")
     p.add_argument("--concurrency", type=int, default=None,
                    help="requests served at the same time (default: --max-batch, or 2 without batching)")
     p.add_argument("--queue-size", type=int, default=32, help="requests waiting before new ones are refused")
@@ -69,7 +72,8 @@ def build_service(args: argparse.Namespace):
         from ..batching import BatchEngine
 
         engine = BatchEngine(model, max_batch=args.max_batch, max_slots=args.max_prompt_tokens + 1024,
-                             prefill_chunk=args.prefill_chunk, reuse_mb=args.reuse_mb)
+                             prefill_chunk=args.prefill_chunk, reuse_mb=args.reuse_mb,
+                             packed_mb=args.packed_mb)
     image_adapter, notes = None, []
     if demo_selected:
         image_adapter, notes = DEMO_ADAPTER_NAME, [STATUS_NOTE]
