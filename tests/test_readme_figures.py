@@ -169,7 +169,15 @@ def serving() -> list[str]:
         r = rows[name]
         out.append(f"| {label} | {r[1].replace('/', ' / ')} | {r[2]:.1f} s | {r[3]:.1f} s | {r[4]:.1f} | {r[5]:.1f} "
                    f"| {times(r[6])} | {times(r[10])} | {r[11]:.2f} → {r[12]:.2f} s ({times(r[13])}) | {r[8]} MiB |")
-    return out
+    return out + serving_profile()
+
+
+def serving_profile() -> list[str]:
+    """The batch engine's profile table of the same run, as bench/serving.py writes it."""
+    from bench.common import section
+
+    profile = result("serving")["tables"][0]
+    return section(profile["title"], profile["headers"], profile["rows"]).splitlines()[2:]
 
 
 def parameter_counts() -> list[str]:
