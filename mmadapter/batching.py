@@ -109,6 +109,8 @@ class BatchEngine:
         self._cursor = 0  # the slot the next decoding step writes
         self._batch_kv: AdapterKV | None = None
         self._decode_step = DecodeStep(self.base, packed_mb)  # one for the engine: the base never changes, rows bring the rest
+        if max_batch > 1:
+            self._decode_step.pack()  # the packed copies' memory is taken at start, not under load
         self._kv_stale = True
         self._step_rows = 0  # the cache rows a step runs over: up to the highest decoding row (the rest wait)
         self._step_caches: list[KVCache] = []  # views of those rows

@@ -53,7 +53,7 @@ class DecodeStep:
 
     def __init__(self, base: Llama, packed_mb: float = PACKED_MB) -> None:
         """packed_mb: memory for oneDNN-packed copies of the fp32 weights that batched steps read (packed_rows.py),
-        the head first (the largest), then layer by layer; made on the first batched step (0: none)."""
+        the head first (the largest), then layer by layer; made by `pack()` or on the first batched step (0: none)."""
         c, self.base = base.config, base
         self.shape = (c.n_heads, c.n_kv_heads, c.head_dim)
         budget = PackBudget(packed_mb)
@@ -64,7 +64,7 @@ class DecodeStep:
                         _product(b.attention, GROUPS[1], budget), b.ffn_norm,
                         _product(b.feed_forward, GROUPS[2], budget), _product(b.feed_forward, GROUPS[3], budget))
                        for b in base.layers]
-        self.packed_bytes = budget.used
+        self.packed_bytes, self._packed = budget.used, budget.granted
         shapes = projection_shapes(c)
         self.outs = [[shapes[n][1] for n in names] for names in GROUPS]
         h, g, d = self.shape
@@ -73,6 +73,11 @@ class DecodeStep:
         self.cos_scale, self.sin_scale = scale, scale * sign  # [H+G, 1], [H+G, d]
         self._adapter: AdapterKV | None = None
         self._prepared = Prepared([None] * c.n_layers, [None] * c.n_layers, None)
+
+    def pack(self) -> None:
+        """Make the packed copies now rather than on the first batched step (a server's memory, known at start)."""
+        for product in self._packed:
+            product.pack()
 
     def prepare(self, adapter: AdapterKV | None, dtype: torch.dtype) -> Prepared:
         """The request's per-layer state (see `Prepared`), made once per adapter object."""
@@ -159,13 +164,16 @@ class PackBudget:
 
     def __init__(self, megabytes: float) -> None:
         self.left, self.used = int(megabytes * 2**20), 0
+        self.granted: list[RowsProduct] = []
 
-    def take(self, weight: Tensor) -> bool:
+    def product(self, weight: Tensor) -> Callable[[Tensor], Tensor]:
+        """Several rows times the weight: over a packed copy where it fits the budget, else F.linear."""
         size = weight.numel() * weight.element_size()
         if weight.dtype != torch.float32 or size > self.left:
-            return False
+            return lambda x: F.linear(x, weight)
         self.left, self.used = self.left - size, self.used + size
-        return True
+        self.granted.append(RowsProduct(weight))
+        return self.granted[-1]
 
 
 def _product(owner: nn.Module, names: tuple[str, ...], budget: PackBudget) -> Callable[[Tensor], Tensor]:
@@ -180,7 +188,7 @@ def _product(owner: nn.Module, names: tuple[str, ...], budget: PackBudget) -> Ca
     if weight is None:
         return modules[0] if len(modules) == 1 else lambda x: torch.cat([m(x) for m in modules], dim=-1)
     split = thread_split(weight)
-    rows = RowsProduct(weight) if budget.take(weight) else lambda x: F.linear(x, weight)
+    rows = budget.product(weight)
 
     def product(x: Tensor) -> Tensor:
         return split_matvec(x, split) if split is not None and x.shape[0] == 1 else rows(x)

@@ -54,18 +54,21 @@ def pack_rows(weight: Tensor) -> Callable[[Tensor], Tensor] | None:
 
 
 class RowsProduct:
-    """x [B, in] -> x Wᵀ: F.linear, or for B > 1 the oneDNN-packed product, packed on first use (so a process
-    that never decodes a batch never holds the copy)."""
+    """x [B, in] -> x Wᵀ: F.linear, or for B > 1 the oneDNN-packed product, packed by `pack()` or on first use
+    (so a process that never decodes a batch never holds the copy)."""
 
     def __init__(self, weight: Tensor) -> None:
         self.weight = weight
         self._packed: Callable[[Tensor], Tensor] | None = None
         self._tried = False
 
+    def pack(self) -> None:
+        if not self._tried:
+            self._packed, self._tried = pack_rows(self.weight), True
+
     def __call__(self, x: Tensor) -> Tensor:
         if x.shape[0] > 1:
-            if not self._tried:
-                self._packed, self._tried = pack_rows(self.weight), True
+            self.pack()
             if self._packed is not None and x.dtype == torch.float32:
                 return self._packed(x)
         return F.linear(x, self.weight)

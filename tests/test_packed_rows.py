@@ -81,3 +81,15 @@ def test_a_batched_step_over_packed_weights_decodes_the_same_tokens(tiny_hf):
     assert len(PROMPTS) > 1 and packed.packed_bytes > 0
     assert tokens.tolist() == plain_tokens.tolist()
     torch.testing.assert_close(logits, plain_logits, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_a_batch_engine_packs_at_start_and_a_single_stream_never(tiny_hf):
+    from mmadapter.batching import BatchEngine
+    from mmadapter.model import load_base
+
+    model = load_base(str(tiny_hf[0]))
+    engine = BatchEngine(model, max_batch=4)  # its memory is taken when it starts, not under load
+    assert engine._decode_step._packed and all(p._packed is not None for p in engine._decode_step._packed)
+    single = BatchEngine(model, max_batch=1)
+    assert not any(p._tried for p in single._decode_step._packed)
