@@ -17,13 +17,13 @@ import statistics
 import torch
 
 from mmadapter.generate import Sampling, decode_tokens
-from mmadapter.quant import bytes_per_token
+from mmadapter.quant import SCHEMES, bytes_per_token
 
 from .bandwidth import read_bandwidth
 from .common import BASE, median_seconds, ours, peak_in_subprocess, print_peak, report, setup_threads
 from .decode import NEW, PROMPT, ours_fn, prompts
 
-DTYPES = {"fp32": torch.float32, "int8": "int8", "int4": "int4", "fp16w": "fp16w"}
+DTYPES = {"fp32": torch.float32, **{scheme: scheme for scheme in SCHEMES}}
 QUESTIONS = [f"{verb} {topic}." for verb in ("Explain", "Describe", "Give three facts about", "Write a sentence about",
                                              "What is the history of")
              for topic in ("the moon", "photosynthesis", "the French revolution", "prime numbers", "volcanoes",
@@ -118,7 +118,7 @@ def run(runs: int = 5) -> str:
         if name != "fp32":
             rows.append([f"{name}: max |Δlogit| vs fp32; same first 16 greedy tokens", f"{dlogit:.3f}",
                          f"{same}/50", ""])
-    for name in ("int8", "int4", "fp16w"):
+    for name in SCHEMES:
         rows.append([f"{name}: median relative weight error vs the fp32 base", f"{weight_error(models['fp32'], models[name]):.4f}",
                      "", ""])
     times = {}

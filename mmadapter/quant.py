@@ -39,6 +39,7 @@ from .int4_layout import cpu_capability, layout_for, pack
 log = logging.getLogger(__name__)
 
 SCHEMES = ("int8", "int4", "fp16w")
+DTYPE_CHOICES = ("float32", "bfloat16", "float16", *SCHEMES)  # what --dtype accepts: float dtypes, then the schemes
 GROUP_SIZE = 32  # inputs per 4-bit group: GGUF's Q4_0 / Q4_1 block, so those load without requantising
 KERNEL_MAX_ROWS = 64  # above this many rows a dequantised fp32 matmul is faster than the bf16 kernels
 KERNEL_CHECK_TOLERANCE = 0.01  # kernel vs dequantised weight, relative: bf16 activations and output cost ~0.3%

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..commands.common import add_vision_arg
+from ..quant import DTYPE_CHOICES
 from ..weights import DEFAULT_BASE
 
 
@@ -42,7 +43,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-size", type=int, default=32, help="requests waiting before new ones are refused")
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer chats are truncated with a note")
     p.add_argument("--max-file-size", default="20mb", help="largest upload accepted (default: 20mb)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "int8", "int4", "fp16w"], default=None,
+    p.add_argument("--dtype", choices=[d for d in DTYPE_CHOICES if d != "float16"], default=None,
                    help="base weights dtype; int8 / int4 / fp16w: a weight-only quantised base on CPU "
                         "(fp16w: fp16 weights, fp32 compute)")
     p.add_argument("--device", default=None)

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..quant import DTYPE_CHOICES
 from ..weights import DEFAULT_BASE
 
 DEMO_ADAPTER = "shapes-demo"  # --adapter shapes-demo: the shipped demo tower and adapter (mmadapter.load_demo)
@@ -29,7 +30,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="load an adapter whose base fingerprint differs (same model, other format/quantisation)")
     add_vision_arg(p, "the image tower of a multimodal adapter, when it is not where the adapter file says "
                       "(e.g. moved weights)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "int8", "int4", "fp16w"], default=None,
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="weights dtype, or int8 / int4 / fp16w for a weight-only quantised base on CPU (fp16w: fp16 "
                         "weights, fp32 compute; float16 computes in fp16) "
                         "(default: float32 on CPU, bfloat16 on GPU)")

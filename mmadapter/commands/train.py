@@ -17,6 +17,7 @@ from typing import Any
 
 from ..config import GATE_KINDS, TrainConfig, coerce_fields, field_type, load_config_file, option
 from ..train_log import CONFIG_FILE
+from ..quant import DTYPE_CHOICES, SCHEMES
 from ..weights import DEFAULT_BASE
 
 
@@ -28,7 +29,7 @@ class ModelOptions:
     dtype: str | None = option(None, "base weights dtype, or int8 / int4 / fp16w for a weight-only quantised base on "
                                "CPU (fp16w: fp16 weights, fp32 compute; float16 computes in fp16) "
                                "(default: float32 on CPU, bfloat16 on GPU)",
-                               choices=("float32", "bfloat16", "float16", "int8", "int4", "fp16w"))
+                               choices=DTYPE_CHOICES)
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda if available, per local rank)")
     n_prompts: int = option(10, "adaptation prompts per layer (K)")
     n_layers: int | None = option(None, "adapted top layers (L; default: all but the bottom two)")
@@ -165,7 +166,7 @@ def build_training_model(options: ModelOptions, seed: int, fsdp: bool = False) -
     each process's 1/N share of the layer weights there, so the base never has to fit one GPU."""
     import torch
 
-    if fsdp and options.dtype in ("int8", "int4", "fp16w"):
+    if fsdp and options.dtype in SCHEMES:
         raise ValueError(f"--fsdp shards float weights and cannot shard a quantised base (--dtype {options.dtype}); "
                          "drop --fsdp (an int8/int4/fp16w base is already 2-8x smaller) or use a float dtype")
 
