@@ -76,7 +76,10 @@ class _Request:
     prefilled: int = 0  # prompt tokens whose K/V are in the row (copied from the reuse cache or computed)
     decoding: bool = False  # the prompt is in: the row takes part in the batch's steps
     context: Context | None = None  # what its K/V depend on besides the tokens (None: not reusable)
-    times: RequestTimes = field(default_factory=lambda: RequestTimes(time.perf_counter(), 0, False))
+    times: RequestTimes = field(init=False)  # its profile record, started when the request is made
+
+    def __post_init__(self) -> None:
+        self.times = RequestTimes(time.perf_counter(), len(self.ids), self.image is not None)
 
     @property
     def n_prompts(self) -> int | None:
@@ -136,8 +139,7 @@ class BatchEngine:
         if len(ids) + sampling.max_new_tokens > self.capacity:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceed the "
                              f"context of {self.capacity}; truncate the prompt or ask for fewer tokens")
-        request = _Request(ids, image, adapter, sampling,
-                           times=RequestTimes(time.perf_counter(), len(ids), image is not None))
+        request = _Request(ids, image, adapter, sampling)
         if sampling.seed is not None:
             request.generator = torch.Generator(device=self.base.tok_embeddings.weight.device)
             request.generator.manual_seed(sampling.seed)
@@ -245,7 +247,7 @@ class BatchEngine:
 
     def _admit(self, request: _Request) -> None:
         """Give the request a free row, with the K/V of its longest reusable prefix; `_prefill_chunk` does the rest."""
-        start, tower_s, others = time.perf_counter(), 0.0, [r.times for r in self._held()]
+        start, tower_s, others = time.perf_counter(), 0.0, self._others(request)
         try:
             with torch.inference_mode():
                 features, has_image = self.model.image_features([request.image], request.adapter)
@@ -306,12 +308,12 @@ class BatchEngine:
                 request.prefilled = end
                 if self.events is not None:
                     self.events.append(("chunk", row))
-                if end < n:
-                    self.profile.chunk(request.times, began, end - start, self._others(request))
-                    return end - start
-                logits = self.base.head(hidden[:, -1])  # [1, V]
-                self._key_mask[row, :n] = True
+                if end == n:  # the prompt is in: its first token's logits
+                    logits = self.base.head(hidden[:, -1])  # [1, V]
+                    self._key_mask[row, :n] = True
                 self.profile.chunk(request.times, began, end - start, self._others(request))
+                if end < n:
+                    return end - start
         except Exception as e:  # noqa: BLE001 - this request fails alone (or was abandoned); the batch goes on
             self._prefilling.popleft()
             self._finish(request, _END if isinstance(e, _Cancelled) else e)
