@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import bandwidth, decode, epoch, matvec, memory, prefix_cache, quant, quant_kernels, serving, train_step, v2
+from . import (bandwidth, decode, epoch, matvec, memory, prefix_cache, quant, quant_kernels, serving, threads,
+               train_step, v2)
 from .common import RESULTS, machine, markdown_of, setup_threads
 
 SUITE = {"bandwidth": bandwidth.run, "matvec": matvec.run, "train_step": train_step.run, "epoch": epoch.run,
          "prefix_cache": prefix_cache.run, "decode": decode.run, "v2": v2.run, "memory": memory.run,
-         "quant_kernels": quant_kernels.run, "quant": quant.run, "serving": serving.run}
+         "quant_kernels": quant_kernels.run, "quant": quant.run, "threads": threads.run, "serving": serving.run}
 
 
 def main() -> None:
