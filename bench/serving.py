@@ -17,7 +17,7 @@ others' prompts were prefilled, decoding (its share of the steps) and to the fir
 
 Timings on a shared machine are noisy: compare the servers of one run, not runs.
 `python -m bench.serving [--users 8] [--turns 3] [--max-new-tokens 48]`; a quick check that it runs end to
-end, writing nothing: `python -m bench.serving --users 2 --turns 2 --max-new-tokens 4 --servers reuse --no-write`
+end, writing nothing: `python -m bench.serving --users 2 --turns 2 --max-new-tokens 8 --servers reuse --no-write` (8: the app's smallest)
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def make_adapter(folder: Path) -> None:
 def start_server(adapters: Path, options: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "app", "--adapters-dir", str(adapters), "--port", str(port),
-               "--max-prompt-tokens", "512", "--queue-size", "64", *options]
+               "--max-prompt-tokens", "512", "--queue-size", "64", "--engine-profile", *options]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     for line in server.stdout:

@@ -161,8 +161,12 @@ def test_the_app_hands_out_the_profile(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(mmadapter.model, "load_base", lambda *args, **kw: model)  # the tiny base, whatever --base
     parser = argparse.ArgumentParser()
     add_serve_args(parser)
-    service = build_service(parser.parse_args(["--no-demo", "--adapters-dir", str(tmp_path / "none")]))
-    demo = build_demo(service)
+    args = parser.parse_args(["--no-demo", "--adapters-dir", str(tmp_path / "none"), "--engine-profile"])
+    service = build_service(args)
+    hidden = build_demo(service)  # without --engine-profile there is no such route
+    assert "engine_profile" not in {fn.api_name for fn in hidden.fns.values()}
+    assert "chat" in {fn.api_name for fn in hidden.fns.values()}
+    demo = build_demo(service, engine_profile=args.engine_profile)
     demo.queue(default_concurrency_limit=2)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:

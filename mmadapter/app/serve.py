@@ -38,6 +38,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--packed-mb", type=float, default=1024,
                    help="memory for copies of the fp32 weights packed for batched decoding steps, the LM head "
                         "first (default: 1024, all of SmolLM2-135M; 0: off)")
+    p.add_argument("--engine-profile", action="store_true",
+                   help="serve the batch engine's timings and token counts (never text) at the API route "
+                        "/engine_profile, for load tests (off by default: anyone who reaches the app could read them)")
     p.add_argument("--concurrency", type=int, default=None,
                    help="requests served at the same time (default: --max-batch, or 2 without batching)")
     p.add_argument("--queue-size", type=int, default=32, help="requests waiting before new ones are refused")
@@ -91,7 +94,7 @@ def launch(args: argparse.Namespace, block: bool = True):
     from .ui import build_demo
 
     service = build_service(args)
-    demo = build_demo(service)
+    demo = build_demo(service, engine_profile=args.engine_profile)
     concurrency = args.concurrency or (args.max_batch if args.max_batch > 0 else 2)
     demo.queue(default_concurrency_limit=concurrency, max_size=args.queue_size)
     _, local_url, share_url = demo.launch(server_name=args.host, server_port=args.port, share=args.share,

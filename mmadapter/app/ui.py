@@ -157,7 +157,10 @@ def _message_text(content: Any) -> str | None:
     return None
 
 
-def build_demo(service: ChatService, upload_grace_s: float = UPLOAD_RELEASE_GRACE_S) -> gr.Blocks:
+def build_demo(service: ChatService, upload_grace_s: float = UPLOAD_RELEASE_GRACE_S,
+               engine_profile: bool = False) -> gr.Blocks:
+    """engine_profile: serve the batch engine's timings at the API route /engine_profile (for load tests; off by
+    default, since anyone who reaches the app could read when and how much it served)."""
     session_uploads = SessionUploads(upload_grace_s)
 
     def respond(message: dict[str, Any] | None, messages: list[dict[str, Any]], adapter_name: str,
@@ -221,8 +224,8 @@ def build_demo(service: ChatService, upload_grace_s: float = UPLOAD_RELEASE_GRAC
         clear_btn.click(clear, None, [chatbot, box], api_name="clear")
         chatbot.clear(clear, None, [chatbot, box], api_name=False)  # the chatbot's own trash icon
         demo.load(service.status_markdown, None, status, api_name=False)
-        # for load tests (bench/serving.py): timings only, off the queue so that a full queue does not hold it
-        gr.api(service.engine_profile, api_name="engine_profile", api_visibility="undocumented", queue=False)
+        if engine_profile:  # for load tests (bench/serving.py): timings only, off the queue (a full one would hold it)
+            gr.api(service.engine_profile, api_name="engine_profile", api_visibility="undocumented", queue=False)
         demo.unload(end_session)  # page closed or reloaded
     demo.session_uploads = session_uploads  # for tests and the load benchmark
     return demo
