@@ -17,7 +17,8 @@ others' prompts were prefilled, decoding (its share of the steps) and to the fir
 
 Timings on a shared machine are noisy: compare the servers of one run, not runs.
 `python -m bench.serving [--users 8] [--turns 3] [--max-new-tokens 48]`; a quick check that it runs end to
-end, writing nothing: `python -m bench.serving --users 2 --turns 2 --max-new-tokens 8 --servers reuse --no-write` (8: the app's smallest)
+end, writing nothing (8 tokens: the app's smallest):
+`python -m bench.serving --users 2 --turns 2 --max-new-tokens 8 --servers reuse --no-write`
 """
 
 from __future__ import annotations
