@@ -129,3 +129,22 @@ def test_another_prompt_count_waits_until_the_batch_drains(smollm, adapters):
     assert results == alone
     assert [(k, active) for k, active, _ in admitted] == [(10, []), (5, [])]  # admitted alone, after the drain
     assert admitted[1][2] > submitted_at + 1  # it waited while the first request went on decoding
+
+
+def test_a_next_turn_reuses_its_answer_s_k_v(smollm):
+    """The history carries an answer as text, so turn 2 reuses the K/V of turn 1's prompt and of every generated
+    token up to where re-tokenising the answer's text first gives another id: all of it for the words the
+    embedded model answers with."""
+    engine = BatchEngine(smollm, max_batch=1, max_slots=512, reuse_mb=64)
+    question, follow_up = "Name three fruits.", "Which of them is the sweetest?"
+    first = smollm.prompt_ids(question, adapter=None)
+    generated = list(engine.submit(first, sampling=Sampling(max_new_tokens=NEW_TOKENS)))
+    answer = smollm.tokenizer.decode(generated)
+    history = [(question, answer)]
+    second = smollm.prompt_ids(follow_up, history=history, adapter=None)
+    fed = first + generated[:-1]  # the last token was handed out, never fed back: it has no K/V
+    assert second[:len(fed)] == fed  # ordinary words re-tokenise to the ids generated
+    reused = engine.reuse.reused_tokens
+    text = "".join(engine.stream(follow_up, history=history, max_new_tokens=NEW_TOKENS))
+    assert text == smollm.generate(follow_up, history=history, adapter=None, max_new_tokens=NEW_TOKENS)
+    assert engine.reuse.reused_tokens - reused == len(fed)  # only the new message was prefilled
