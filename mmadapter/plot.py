@@ -65,7 +65,8 @@ def plot_accuracy_curves(points: Iterable[Mapping[str, Any]], path: str | os.Pat
                          chance: Mapping[str, float] | None = None) -> Path:
     """Accuracy per question type (one line each) against training presentations, with optional dashed
     chance levels (e.g. the best an image-blind answerer gets), from points
-    [{"presentations": n, "accuracy": {type: percent}}]."""
+    [{"presentations": n, "accuracy": {type: percent}}]; a point's "train_accuracy" (the same on training
+    questions), where present, is drawn dashed beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,6 +79,9 @@ def plot_accuracy_curves(points: Iterable[Mapping[str, Any]], path: str | os.Pat
         series = [(p["presentations"], p["accuracy"][kind]) for p in points if kind in p["accuracy"]]
         color = f"C{i}"
         ax.plot(*zip(*series), "o-", color=color, markersize=3, label=kind)
+        seen = [(p["presentations"], p["train_accuracy"][kind]) for p in points if kind in p.get("train_accuracy", {})]
+        if seen:  # the same score on training questions: far above the test line means memorised, not learnt
+            ax.plot(*zip(*seen), "--", color=color, linewidth=1, label=f"{kind}, training questions")
         if chance and kind in chance:
             ax.axhline(chance[kind], color=color, linestyle=":", linewidth=1)
     ax.set_xlabel("training questions presented")

@@ -23,6 +23,7 @@ def test_a_tiny_run_writes_a_curve_that_training_moves(tmp_path, one_thread):
     assert on_disk == result and [p["step"] for p in result["points"]] == [0, 2, 4]
     assert all(set(p["accuracy"]) == {"colour", "count"} for p in result["points"])
     assert all(0 <= a <= 100 for p in result["points"] for a in p["accuracy"].values())
+    assert all(set(p["train_accuracy"]) == {"colour", "count"} for p in result["points"])  # training questions too
     assert result["points"][0]["gate_max"] == 0 < result["points"][-1]["gate_max"]  # zero-init gates opened
     table = format_curves({"tiny": result})
     assert "| tiny (colour) | spatial projector, 2 adapted layers, position code 1," in table

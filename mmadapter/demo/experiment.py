@@ -9,7 +9,8 @@ forward pass, no decoding; caption questions are left out for that reason).
 
     python -m mmadapter.demo.experiment --kinds position --projector spatial --steps 600 --out runs/exp/pos
 
-Writes curve.json ({"settings", "points": [{"step", "presentations", "seconds", "loss", "accuracy"}]})
+Writes curve.json ({"settings", "points": [{"step", "presentations", "seconds", "loss", "accuracy",
+"train_accuracy"}]}; accuracy on held-out scenes, train_accuracy on as many of the training questions)
 and curve.png in --out.
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,10 @@ class Questions:
     kind: list[str]
     answer: list[str]
     objects: list[int] = field(default_factory=list)  # objects in the question's scene
+
+    def subset(self, rows: Any) -> Questions:
+        """The questions at `rows`, their scene rows unchanged (they index the same features)."""
+        return Questions(*([getattr(self, f.name)[i] for i in rows] for f in fields(self)))
 
 
 def make_questions(model: Any, split: str, n_scenes: int, kinds: tuple[str, ...], per_kind: int,
@@ -232,6 +237,9 @@ def run(e: Experiment, out: Path, progress: bool = True) -> dict[str, Any]:
         if answer not in candidates[kind]:
             candidates[kind].append(answer)
     train_features, eval_features = tower_features(model, train_images), tower_features(model, eval_images)
+    # as many training questions as held-out ones, scored alike: learnt (both rise) or memorised (only this one)?
+    n_seen = min(len(train_q.tokens), len(eval_q.tokens))
+    seen = train_q.subset(np.random.default_rng(e.seed).choice(len(train_q.tokens), n_seen, replace=False))
     prefix = PrefixStore(model)
     adapter = model.adapter
     groups = {"gates": [adapter.gates], "projector": list(adapter.projector.parameters()),
@@ -248,6 +256,7 @@ def run(e: Experiment, out: Path, progress: bool = True) -> dict[str, Any]:
         accuracy = score(model, eval_q, eval_features, candidates)
         points.append({"step": step, "presentations": step * e.batch_size, "seconds": round(time.time() - t0, 1),
                        "loss": float(np.mean(losses[-e.every:])) if losses else None, "accuracy": accuracy,
+                       "train_accuracy": score(model, seen, train_features, candidates),
                        "gate_max": float(adapter.gates.detach().tanh().abs().max())})
         if progress:
             print(json.dumps(points[-1]))
