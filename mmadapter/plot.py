@@ -63,7 +63,7 @@ def _smooth(values: Iterable[float], weight: float = 0.9) -> list[float]:
 
 def plot_accuracy_curves(points: Iterable[Mapping[str, Any]], path: str | os.PathLike, title: str = "",
                          chance: Mapping[str, float] | None = None) -> Path:
-    """Accuracy per question type (one line each) against training presentations, with optional dashed
+    """Accuracy per question type (one line each) against training presentations, with optional dotted
     chance levels (e.g. the best an image-blind answerer gets), from points
     [{"presentations": n, "accuracy": {type: percent}}]; a point's "train_accuracy" (the same on training
     questions), where present, is drawn dashed beside it."""

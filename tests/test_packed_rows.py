@@ -47,7 +47,7 @@ def test_no_onednn_or_a_disagreeing_product_falls_back_to_f_linear(monkeypatch):
     assert pack_rows(weight) is None
 
 
-def test_the_decode_step_packs_the_head_first_then_layers_within_its_budget(tmp_path):
+def test_the_decode_step_packs_the_head_first_then_layers_within_its_budget():
     from mmadapter.config import LlamaConfig
     from mmadapter.decode_step import DecodeStep
     from mmadapter.llama import Llama

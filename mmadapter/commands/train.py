@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import GATE_KINDS, TrainConfig, coerce_fields, field_type, load_config_file, option
-from ..train_log import CONFIG_FILE
 from ..quant import DTYPE_CHOICES, SCHEMES
+from ..train_log import CONFIG_FILE
 from ..weights import DEFAULT_BASE
 
 
